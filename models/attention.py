@@ -1,0 +1,62 @@
+"""The seam between the decoder and whatever stores its keys and values.
+
+The Llama decoder works on a flattened (varlen) batch: all tokens of all sequences scheduled in one step, concatenated
+into T rows. Each attention layer projects q/k/v, applies RoPE, and hands them to an `Attention` object; what happens
+next (write K/V into a paged cache, attend over a block table, run a Triton or flash-attn kernel) belongs to the
+object, which the engine builds for every step. The model code never changes when a backend is added.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+
+class Attention(Protocol):
+    """Causal self-attention for one step of the decoder.
+
+    q: [T, num_heads, head_dim], k and v: [T, num_kv_heads, head_dim] (RoPE already applied);
+    returns [T, num_heads, head_dim]. `layer` selects the layer's KV storage.
+    """
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
+
+
+class DenseCausalAttention:
+    """No cache: each sequence of the batch attends causally to itself only.
+
+    `seq_lens` lists the lengths of the sequences concatenated in the T rows. Used for full-sequence forwards
+    (parity with transformers, scoring) and as the simplest reference backend.
+    """
+
+    def __init__(self, seq_lens: list[int]) -> None:
+        self.seq_lens = seq_lens
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(q)
+        start = 0
+        for n in self.seq_lens:
+            sl = slice(start, start + n)
+            out[sl] = causal_sdpa(q[sl], k[sl], v[sl])
+            start += n
+        return out
+
+
+def causal_sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_cached: int = 0, scale: float | None = None
+) -> torch.Tensor:
+    """Attention of q [S, Hq, D] over k/v [num_cached + S, Hkv, D]; query i sees keys 0 .. num_cached + i.
+
+    GQA is handled by `enable_gqa`, so K/V are never repeated in memory.
+    """
+    s, kv_len = q.shape[0], k.shape[0]
+    qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [H, S, D]
+    if num_cached == 0 and s == kv_len:
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
+    else:
+        rows = torch.arange(s, device=q.device)[:, None] + num_cached
+        mask = torch.arange(kv_len, device=q.device)[None, :] <= rows  # [S, kv_len]
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True)
+    return out.transpose(0, 1)
