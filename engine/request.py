@@ -124,6 +124,7 @@ class StepOutput:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     num_output_tokens: int = 0  # cumulative for this choice
+    queue_time_s: float | None = None  # on the first output of a choice: arrival -> first scheduled, seconds
     error: str | None = None
 
     @property

@@ -1,0 +1,147 @@
+"""Everything GPU-related in one prepared run: correctness in bf16 on CUDA, then speed against the rooflines.
+
+    python bench/gpu_check.py [--out DIR] [--quick]
+
+Each section is independent (a failure is printed and the next section runs) and appends rows to one table,
+printed at the end and written to DIR/gpu-check-<date>.md (default bench/results/). Rooflines: performance.md
+(P = 790 TFLOP/s bf16, BW = 4.3 TB/s on the H200).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PEAK_TFLOPS = 790.0
+PEAK_TBPS = 4.3
+Row = dict
+
+
+def timed(fn, warmup: int = 2, iters: int = 5) -> float:
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / iters
+
+
+def section_calibration(rows: list[Row], quick: bool) -> None:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    s = timed(lambda: a @ a)
+    rows.append({"check": "bf16 GEMM 8192^3", "value": f"{2 * 8192**3 / s / 1e12:.0f} TFLOP/s", "ref": "790"})
+    x = torch.empty(2**30, dtype=torch.uint8, device="cuda")
+    s = timed(lambda: x.clone())
+    rows.append({"check": "device copy 1 GiB", "value": f"{2 * 2**30 / s / 1e12:.2f} TB/s", "ref": "4.3"})
+    del a, x
+
+
+def section_models(rows: list[Row], quick: bool) -> None:
+    from bench import gpu_models
+
+    gpu_models.run(rows)
+
+
+def section_vision(rows: list[Row], quick: bool) -> None:
+    from models import PLMConfig, build_model
+
+    for preset, tflop_per_tile in (("plm-1b", 0.706), ("plm-8b", 3.910)):
+        cfg = PLMConfig.from_preset(preset)
+        model = build_model(cfg, device="cuda", dtype=torch.bfloat16, init="random")
+        for tiles in (37, 74):
+            px = torch.randint(0, 256, (tiles, 3, 448, 448), dtype=torch.uint8, device="cuda")
+            with torch.inference_mode():
+                s = timed(lambda px=px: model.encode_media(model.normalize_pixels(px)), warmup=1, iters=3)
+            rate = tiles / s
+            bound = PEAK_TFLOPS / tflop_per_tile
+            rows.append(
+                {
+                    "check": f"vision {preset} tower+projector, {tiles} tiles",
+                    "value": f"{rate:.0f} tiles/s ({100 * rate / bound:.0f}% of roofline)",
+                    "ref": f"{bound:.0f} tiles/s bound",
+                }
+            )
+        del model
+        torch.cuda.empty_cache()
+
+
+def _random_checkpoint(preset: str, folder: Path) -> Path:
+    from models import write_random_checkpoint
+    from processors import write_processor_files
+
+    write_random_checkpoint(folder, preset=preset, seed=0, dtype=torch.bfloat16)
+    write_processor_files(folder)
+    return folder
+
+
+def section_engine(rows: list[Row], quick: bool) -> None:
+    """PLM-1B shapes, random weights: our engine vs transformers' generate() on the same checkpoint."""
+    from bench.engine_gpu import compare_engine_and_hf
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = _random_checkpoint("plm-1b", Path(tmp) / "plm-1b-random")
+        compare_engine_and_hf(ckpt, rows, quick)
+
+
+def section_preprocess(rows: list[Row], quick: bool) -> None:
+    from bench import preprocess
+
+    if hasattr(preprocess, "gpu_rows"):
+        preprocess.gpu_rows(rows)
+    else:
+        rows.append({"check": "preprocess on CUDA", "value": "no gpu_rows() in bench/preprocess.py", "ref": ""})
+
+
+SECTIONS = [section_calibration, section_models, section_vision, section_engine, section_preprocess]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", default="", help="comma-separated section names")
+    args = parser.parse_args()
+    assert torch.cuda.is_available(), "needs a CUDA device"
+    rows: list[Row] = []
+    for section in SECTIONS:
+        if args.only and section.__name__.removeprefix("section_") not in args.only.split(","):
+            continue
+        t0 = time.perf_counter()
+        print(f"== {section.__name__}", flush=True)
+        try:
+            section(rows, args.quick)
+        except Exception as exc:
+            traceback.print_exc()
+            rows.append({"check": section.__name__, "value": f"FAILED: {type(exc).__name__}: {exc}", "ref": ""})
+        print(f"   {time.perf_counter() - t0:.1f}s", flush=True)
+        torch.cuda.empty_cache()
+    props = torch.cuda.get_device_properties(0)
+    lines = [
+        f"# GPU check, {datetime.date.today()}",
+        "",
+        f"{props.name}, {props.total_memory / 2**30:.0f} GiB, torch {torch.__version__}",
+        "",
+        "| check | value | reference |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {r['check']} | {r['value']} | {r.get('ref', '')} |" for r in rows]
+    report = "\n".join(lines) + "\n"
+    print(report)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"gpu-check-{datetime.date.today()}.md").write_text(report)
+
+
+if __name__ == "__main__":
+    main()

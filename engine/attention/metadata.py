@@ -1,0 +1,35 @@
+"""Per-step attention metadata, built once by the model runner and shared by every layer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    """Where the T rows of a flattened step come from and where their K/V go.
+
+    Sequences are laid out back to back: sequence i owns rows `query_start[i] : query_start[i + 1]` and those rows
+    are its tokens at positions `context_lens[i] - query_lens[i] ... context_lens[i] - 1`.
+
+    slot_mapping:  [T] int64, cache slot of each row's K/V
+    query_start:   [B + 1] int64, cumulative query lengths (host list mirrored as `query_lens`)
+    context_lens:  [B] int64, tokens of each sequence in the cache after this step (cached + new)
+    block_tables:  [B, max_blocks] int32, padded with 0
+    """
+
+    slot_mapping: torch.Tensor
+    block_tables: torch.Tensor
+    context_lens: torch.Tensor
+    query_lens: list[int]
+    context_lens_host: list[int]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.query_lens)
+
+    @property
+    def is_pure_decode(self) -> bool:
+        return all(q == 1 for q in self.query_lens)
