@@ -26,9 +26,13 @@ def _image_prompts(processor: Processor, n: int) -> list[tuple[list[int], list[M
         small = rng.integers(0, 256, size=(24, 32, 3), dtype=np.uint8)
         buf = io.BytesIO()
         Image.fromarray(small).resize((1024, 768), Image.BICUBIC).save(buf, format="JPEG", quality=90)
-        msgs = [{"role": "user", "content": [ImageInput(buf.getvalue()), {"type": "text", "text": f"Image {i}?"}]}]
+        msgs = [
+            {"role": "user", "content": [ImageInput(buf.getvalue()), {"type": "text", "text": f"Image {i}?"}]}
+        ]
         p = processor.process_chat(msgs)
-        out.append((p.token_ids, [MMInput(m.content_hash, m.pixels, m.offset, m.length, m.kind) for m in p.media]))
+        out.append(
+            (p.token_ids, [MMInput(m.content_hash, m.pixels, m.offset, m.length, m.kind) for m in p.media])
+        )
     return out
 
 
@@ -75,7 +79,9 @@ def _run_hf(model, prompts, out_tokens: int) -> tuple[float, list[list[int]]]:
 
 def compare_engine_and_hf(ckpt: Path, rows: list[dict], quick: bool) -> None:
     core = EngineCore.load(EngineConfig(model=str(ckpt), device="cuda", dtype="bfloat16", max_num_seqs=256))
-    rows.append({"check": "engine KV pool (PLM-1B shapes)", "value": f"{core.stats.num_kv_blocks} blocks", "ref": ""})
+    rows.append(
+        {"check": "engine KV pool (PLM-1B shapes)", "value": f"{core.stats.num_kv_blocks} blocks", "ref": ""}
+    )
     processor = Processor.from_pretrained(ckpt)
     workloads = {
         "text 512->128, 64 requests": (_text_prompts(64, 512), 128),

@@ -41,7 +41,9 @@ def build_prompts(processor, n: int) -> list[fx.Prompt]:
 
 def run_ours(ckpt: Path, prompts, out_tokens: int, device: str, dtype: str) -> tuple[float, list[list[int]]]:
     core = EngineCore.load(
-        EngineConfig(model=str(ckpt), device=device, dtype=dtype, max_num_batched_tokens=8192, max_num_seqs=256)
+        EngineConfig(
+            model=str(ckpt), device=device, dtype=dtype, max_num_batched_tokens=8192, max_num_seqs=256
+        )
     )
     warm = fx.request(prompts[1], "warmup", max_tokens=2)
     core.add_request(warm)
@@ -80,7 +82,9 @@ def _hf_generate(model, prompts, out_tokens: int, device: str) -> list[list[int]
     width = max(len(p.input_ids) for p in prompts)
     pad = 128001
     ids = torch.tensor([[pad] * (width - len(p.input_ids)) + p.input_ids for p in prompts], device=device)
-    mask = torch.tensor([[0] * (width - len(p.input_ids)) + [1] * len(p.input_ids) for p in prompts], device=device)
+    mask = torch.tensor(
+        [[0] * (width - len(p.input_ids)) + [1] * len(p.input_ids) for p in prompts], device=device
+    )
     pixels = [p.pixel_values[0] for p in prompts if p.pixel_values is not None]
     kwargs = {}
     if pixels:
@@ -104,8 +108,12 @@ def _sync(device: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, default=None, help="default: the tiny reference checkpoint")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--checkpoint", type=Path, default=None, help="default: the tiny reference checkpoint"
+    )
     parser.add_argument("--num-requests", type=int, default=32)
     parser.add_argument("--output-tokens", type=int, default=64)
     parser.add_argument("--device", default="cpu")

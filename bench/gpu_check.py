@@ -45,7 +45,6 @@ def section_calibration(rows: list[Row], quick: bool) -> None:
     x = torch.empty(2**30, dtype=torch.uint8, device="cuda")
     s = timed(lambda: x.clone())
     rows.append({"check": "device copy 1 GiB", "value": f"{2 * 2**30 / s / 1e12:.2f} TB/s", "ref": "4.3"})
-    del a, x
 
 
 def section_models(rows: list[Row], quick: bool) -> None:
@@ -63,7 +62,7 @@ def section_vision(rows: list[Row], quick: bool) -> None:
         for tiles in (37, 74):
             px = torch.randint(0, 256, (tiles, 3, 448, 448), dtype=torch.uint8, device="cuda")
             with torch.inference_mode():
-                s = timed(lambda px=px: model.encode_media(model.normalize_pixels(px)), warmup=1, iters=3)
+                s = timed(lambda m=model, px=px: m.encode_media(m.normalize_pixels(px)), warmup=1, iters=3)
             rate = tiles / s
             bound = PEAK_TFLOPS / tflop_per_tile
             rows.append(
@@ -101,7 +100,9 @@ def section_preprocess(rows: list[Row], quick: bool) -> None:
     if hasattr(preprocess, "gpu_rows"):
         preprocess.gpu_rows(rows)
     else:
-        rows.append({"check": "preprocess on CUDA", "value": "no gpu_rows() in bench/preprocess.py", "ref": ""})
+        rows.append(
+            {"check": "preprocess on CUDA", "value": "no gpu_rows() in bench/preprocess.py", "ref": ""}
+        )
 
 
 SECTIONS = [section_calibration, section_models, section_vision, section_engine, section_preprocess]
@@ -124,7 +125,9 @@ def main() -> None:
             section(rows, args.quick)
         except Exception as exc:
             traceback.print_exc()
-            rows.append({"check": section.__name__, "value": f"FAILED: {type(exc).__name__}: {exc}", "ref": ""})
+            rows.append(
+                {"check": section.__name__, "value": f"FAILED: {type(exc).__name__}: {exc}", "ref": ""}
+            )
         print(f"   {time.perf_counter() - t0:.1f}s", flush=True)
         torch.cuda.empty_cache()
     props = torch.cuda.get_device_properties(0)

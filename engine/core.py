@@ -58,18 +58,24 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, runner: ModelRunner, tokenizer: Tokenizer, model_config: PLMConfig):
+    def __init__(
+        self, config: EngineConfig, runner: ModelRunner, tokenizer: Tokenizer, model_config: PLMConfig
+    ):
         self.config = config
         self.runner = runner
         self.tokenizer = tokenizer
-        self.max_model_len = min(config.max_model_len or model_config.max_model_len, model_config.max_model_len)
+        self.max_model_len = min(
+            config.max_model_len or model_config.max_model_len, model_config.max_model_len
+        )
         self.eos_token_ids = tuple(model_config.eos_token_ids)
         num_blocks = config.num_kv_blocks
         if num_blocks is None:
             on_gpu = runner.device.type == "cuda"
             num_blocks = runner.profile_num_blocks() if on_gpu else CPU_DEFAULT_KV_BLOCKS
         runner.allocate_kv_cache(num_blocks)
-        self.scheduler = Scheduler(config.replace(max_model_len=self.max_model_len), num_blocks, set(self.eos_token_ids))
+        self.scheduler = Scheduler(
+            config.replace(max_model_len=self.max_model_len), num_blocks, set(self.eos_token_ids)
+        )
         self.detokenizers: dict[int, IncrementalDetokenizer] = {}
         self.stats = EngineStats(num_kv_blocks=num_blocks)
 
@@ -125,7 +131,8 @@ class EngineCore:
                 seq.sampling.stop,
             )  # fmt: skip
             self.detokenizers[seq.seq_id] = detok
-        text = detok.add([token])
+        # The EOS / stop token that ended the sequence is reported in token_ids but never rendered as text.
+        text = detok.add([token]) if seq.stop_token_id != token else ""
         if detok.stopped and seq.finish_reason is None:
             self.scheduler.finish(seq, FinishReason.STOP)
         if seq.finish_reason is not None:

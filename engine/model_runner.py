@@ -29,13 +29,18 @@ logger = logging.getLogger(__name__)
 @dataclass
 class RunnerOutput:
     sampled: dict[int, int]  # seq_id -> next token id
-    logprobs: dict[int, tuple[float, list[tuple[int, float]]]]  # seq_id -> (logprob, [(id, logprob)] best first)
+    logprobs: dict[
+        int, tuple[float, list[tuple[int, float]]]
+    ]  # seq_id -> (logprob, [(id, logprob)] best first)
     num_encoded_tiles: int = 0
 
 
 class ModelRunner:
-    def __init__(self, model: PerceptionLM, config: EngineConfig, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self, model: PerceptionLM, config: EngineConfig, device: torch.device, dtype: torch.dtype
+    ) -> None:
         self.model = model
+        self.eos_token_ids = tuple(model.config.eos_token_ids)  # masked while a sequence is under min_tokens
         self.config = config
         self.device = device
         self.dtype = dtype
@@ -51,11 +56,19 @@ class ModelRunner:
 
     # ----------------------------------------------------------------------------------------------- KV pool
     def block_bytes(self) -> int:
-        return KVCache.bytes_per_block(self.num_layers, self.block_size, self.num_kv_heads, self.head_dim, self.dtype)
+        return KVCache.bytes_per_block(
+            self.num_layers, self.block_size, self.num_kv_heads, self.head_dim, self.dtype
+        )
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         self.kv_cache = KVCache.allocate(
-            self.num_layers, num_blocks, self.block_size, self.num_kv_heads, self.head_dim, self.dtype, self.device
+            self.num_layers,
+            num_blocks,
+            self.block_size,
+            self.num_kv_heads,
+            self.head_dim,
+            self.dtype,
+            self.device,
         )
         logger.info(
             "KV cache: %d blocks of %d tokens (%.2f GiB)",
@@ -139,7 +152,9 @@ class ModelRunner:
             return RunnerOutput({}, {}, num_tiles)
         logits = self.model.compute_logits(hidden[batch.sample_rows])  # [S, V] float32
         seqs = [c.seq for c in sample_chunks]
-        result = self.sampler(logits, SamplingBatch.from_sequences(seqs, self.vocab_size, self.device))
+        result = self.sampler(
+            logits, SamplingBatch.from_sequences(seqs, self.vocab_size, self.device, self.eos_token_ids)
+        )
         sampled = {s.seq_id: int(t) for s, t in zip(seqs, result.token_ids, strict=True)}
         logprobs = {}
         if result.logprobs is not None:
@@ -164,11 +179,9 @@ class ModelRunner:
             table = seq.block_table
             bs = self.block_size
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            for m in seq.mm_inputs:
-                lo, hi = max(start, m.offset), min(end, m.offset + m.length)
-                if lo < hi:
-                    media_rows.extend(range(row0 + lo - start, row0 + hi - start))
-                    media_parts.append(self.media_embeds[m.content_hash][lo - m.offset : hi - m.offset])
+            for item, chunk_pos, row, num_rows in c.media_slices():
+                media_rows.extend(range(row0 + chunk_pos, row0 + chunk_pos + num_rows))
+                media_parts.append(self.media_embeds[item.content_hash][row : row + num_rows])
             if c.sample:
                 sample_rows.append(len(ids) - 1)
             tables.append(table)
@@ -178,7 +191,9 @@ class ModelRunner:
         if media_rows:
             embeds[torch.tensor(media_rows, device=dev)] = torch.cat(media_parts).to(embeds.dtype)
         max_blocks = max(len(t) for t in tables)
-        block_tables = torch.tensor([t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.int32, device=dev)
+        block_tables = torch.tensor(
+            [t + [0] * (max_blocks - len(t)) for t in tables], dtype=torch.int32, device=dev
+        )
         context = [c.start + c.num_tokens for c in chunks]
         metadata = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
@@ -215,7 +230,9 @@ class _NoCacheAttention:
         return causal_sdpa(q, k, v)
 
 
-def to_token_logprob(tokenizer_decode, token_id: int, entry: tuple[float, list[tuple[int, float]]]) -> TokenLogprob:
+def to_token_logprob(
+    tokenizer_decode, token_id: int, entry: tuple[float, list[tuple[int, float]]]
+) -> TokenLogprob:
     logprob, top = entry
     return TokenLogprob(
         token_id=token_id,

@@ -14,6 +14,7 @@ from typing import Any
 from engine import EngineConfig, EngineCore, EngineRequest, MMInput, SamplingParams, StepOutput, TokenLogprob
 from processors import ImageInput, ProcessedPrompt, Processor, VideoInput
 
+
 @dataclass
 class CompletionOutput:
     index: int
@@ -48,7 +49,8 @@ class LLM:
             conversations = [conversations]  # type: ignore[list-item]
         limit = self.core.max_model_len - ((sampling_params or SamplingParams()).max_tokens or 1)
         prompts = [
-            self.processor.process_chat(_media_to_inputs(conv), max_prompt_tokens=limit) for conv in conversations
+            self.processor.process_chat(_media_to_inputs(conv), max_prompt_tokens=limit)
+            for conv in conversations
         ]
         return self._run(prompts, sampling_params or SamplingParams())
 
@@ -59,7 +61,9 @@ class LLM:
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         processed = [
-            ProcessedPrompt(token_ids=list(p), media=[]) if isinstance(p, list) else self.processor.process_prompt(p)
+            ProcessedPrompt(token_ids=list(p), media=[])
+            if isinstance(p, list)
+            else self.processor.process_prompt(p)
             for p in prompts
         ]
         return self._run(processed, sampling_params or SamplingParams())

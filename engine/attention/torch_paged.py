@@ -35,7 +35,9 @@ class TorchPagedAttention:
             return self._decode(q, keys, values)
         out = torch.empty_like(q)
         start = 0
-        for i, (q_len, ctx_len) in enumerate(zip(self.meta.query_lens, self.meta.context_lens_host, strict=True)):
+        for i, (q_len, ctx_len) in enumerate(
+            zip(self.meta.query_lens, self.meta.context_lens_host, strict=True)
+        ):
             slots = self.ctx_slots[i, :ctx_len]
             rows = slice(start, start + q_len)
             out[rows] = causal_sdpa(q[rows], keys[slots], values[slots], num_cached=ctx_len - q_len)

@@ -37,7 +37,9 @@ def photo(width: int, height: int, seed: int) -> Image.Image:
 
 def video_frames(num_frames: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    return rng.integers(0, 256, size=(num_frames, 64, 96, 3), dtype=np.uint8).repeat(3, axis=1).repeat(3, axis=2)
+    return (
+        rng.integers(0, 256, size=(num_frames, 64, 96, 3), dtype=np.uint8).repeat(3, axis=1).repeat(3, axis=2)
+    )
 
 
 def _u8(pixels: torch.Tensor) -> torch.Tensor:
@@ -59,27 +61,34 @@ def _media(input_ids: list[int], token_id: int, tiles: list[torch.Tensor], kind:
 
 
 def build_prompt(processor, name: str, text: str, images=(), video=None, system: str | None = None) -> Prompt:
+    """Render with the HF chat template and expand placeholders as the HF processor does.
+
+    Images are preprocessed one by one: the HF processor cannot stack images of different tile counts in one
+    call, while the model itself only needs every tile in placeholder order ([1, sum T, 3, 448, 448]).
+    """
     content = [{"type": "image"} for _ in images]
     if video is not None:
         content.append({"type": "video"})
     content.append({"type": "text", "text": text})
-    conv = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
+    conv = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": content}
+    ]
     rendered = processor.apply_chat_template(conv, add_generation_prompt=True)
-    kwargs = {}
-    if images:
-        kwargs["images"] = list(images)
+    tiles = [processor.image_processor(images=[im], return_tensors="pt")["pixel_values"][0] for im in images]
+    for t in tiles:
+        rendered = rendered.replace("<|image|>", "<|IMG|>" * (t.shape[0] * TOKENS_PER_TILE), 1)
+    rendered = rendered.replace("<|IMG|>", "<|image|>")
+    frames = None
     if video is not None:
-        kwargs["videos"] = [video]
-    enc = processor(text=rendered, add_special_tokens=False, return_tensors="pt", **kwargs)
-    ids = enc["input_ids"][0].tolist()
-    pv = enc.get("pixel_values")
-    pvv = enc.get("pixel_values_videos")
-    media = []
-    if pv is not None:
-        media += _media(ids, reference.IMAGE_TOKEN_ID, list(pv), "image")
-    if pvv is not None:
-        media += _media(ids, reference.VIDEO_TOKEN_ID, list(pvv), "video")
+        frames = processor.video_processor(videos=[video], return_tensors="pt")["pixel_values_videos"][0]
+        rendered = rendered.replace("<|video|>", "<|video|>" * (frames.shape[0] * TOKENS_PER_TILE), 1)
+    ids = processor.tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    media = _media(ids, reference.IMAGE_TOKEN_ID, tiles, "image")
+    if frames is not None:
+        media += _media(ids, reference.VIDEO_TOKEN_ID, [frames], "video")
     media.sort(key=lambda m: m.offset)
+    pv = torch.cat(tiles)[None] if tiles else None
+    pvv = frames[None] if frames is not None else None
     return Prompt(name, ids, pv, pvv, media)
 
 
@@ -88,7 +97,9 @@ def standard_prompts(processor) -> list[Prompt]:
     return [
         build_prompt(processor, "text", "Write a haiku about the sea."),
         build_prompt(processor, "image", "Describe the image.", images=[photo(640, 480, 1)]),
-        build_prompt(processor, "two-images", "Compare them.", images=[photo(300, 500, 2), photo(900, 300, 3)]),
+        build_prompt(
+            processor, "two-images", "Compare them.", images=[photo(300, 500, 2), photo(900, 300, 3)]
+        ),
         build_prompt(processor, "video", "What happens?", video=video_frames(4, 4)),
         build_prompt(processor, "system", "Hi!", system="You are terse."),
     ]

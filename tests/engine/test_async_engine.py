@@ -27,7 +27,9 @@ def prompts(ckpt_l):
 
 
 def make_engine(ckpt, **overrides) -> AsyncEngine:
-    args = dict(model=str(ckpt), device="cpu", dtype="float32", num_kv_blocks=512, max_num_batched_tokens=2048)
+    args = dict(
+        model=str(ckpt), device="cpu", dtype="float32", num_kv_blocks=512, max_num_batched_tokens=2048
+    )
     args.update(overrides)
     return AsyncEngine(EngineCore.load(EngineConfig(**args)))
 
@@ -87,7 +89,7 @@ def test_rejected_request_raises_without_hurting_others(ckpt_l, prompts):
     async def main():
         bad = fx.request(prompts[0], "bad", max_tokens=5000)
         good = collect(engine, fx.request(prompts[0], "good", max_tokens=3, min_tokens=3))
-        with pytest.raises(RequestRejectedError, match="max_model_len|context"):
+        with pytest.raises(RequestRejectedError, match=r"max_model_len|context"):
             await collect(engine, bad)
         return await good
 
@@ -140,10 +142,12 @@ def test_shutdown_finishes_running_requests_within_the_grace_period(ckpt_l, prom
     engine = make_engine(ckpt_l)
 
     async def main():
-        running = asyncio.ensure_future(collect(engine, fx.request(prompts[0], "r", max_tokens=5, min_tokens=5)))
+        running = asyncio.ensure_future(
+            collect(engine, fx.request(prompts[0], "r", max_tokens=5, min_tokens=5))
+        )
         await asyncio.sleep(0.05)
         await engine.shutdown(10.0)
-        with pytest.raises(EngineDeadError, match="shutting down|not running"):
+        with pytest.raises(EngineDeadError, match=r"shutting down|not running"):
             await collect(engine, fx.request(prompts[0], "late", max_tokens=2))
         return await running
 

@@ -11,7 +11,9 @@ from tests.engine import engine_fixtures as fx
 
 
 def make_core(ckpt, **overrides) -> EngineCore:
-    args = dict(model=str(ckpt), device="cpu", dtype="float32", num_kv_blocks=512, max_num_batched_tokens=2048)
+    args = dict(
+        model=str(ckpt), device="cpu", dtype="float32", num_kv_blocks=512, max_num_batched_tokens=2048
+    )
     args.update(overrides)
     return EngineCore.load(EngineConfig(**args))
 
@@ -53,7 +55,9 @@ def hf_tokens_l(ckpt_l, prompts_l):
 def test_sixteen_concurrent_requests_match_transformers_and_solo_runs(ckpt_l, prompts_l, hf_tokens_l):
     lengths = [16, 9, 12, 5]
     reqs = [
-        fx.request(prompts_l[i % len(prompts_l)], f"r{i}", max_tokens=lengths[i % 4], min_tokens=lengths[i % 4])
+        fx.request(
+            prompts_l[i % len(prompts_l)], f"r{i}", max_tokens=lengths[i % 4], min_tokens=lengths[i % 4]
+        )
         for i in range(16)
     ]
     # Arrive in waves at different steps, so prefills join running decodes; small token budget forces chunking.
@@ -117,9 +121,12 @@ def test_encoder_cache_skips_the_vision_tower_for_a_repeated_image(ckpt_l, promp
 
 
 def test_preemption_under_a_tiny_pool_gives_identical_outputs(ckpt_l, prompts_l, hf_tokens_l):
-    # 4 requests of ~100-1300 tokens + 16 outputs in a pool of 120 blocks (1920 tokens): they cannot all fit.
-    core = make_core(ckpt_l, num_kv_blocks=120, enable_prefix_caching=False)
-    chosen = [prompts_l[0], prompts_l[1], prompts_l[4], prompts_l[1]]
+    # Six short prompts fit the pool together, but their 16 outputs each do not: decodes must preempt.
+    chosen = [prompts_l[0], prompts_l[4]] * 3
+    blocks = lambda n: -(-n // 16)
+    pool = sum(blocks(len(p.input_ids)) for p in chosen) + 2
+    assert pool < sum(blocks(len(p.input_ids) + 16) for p in chosen)
+    core = make_core(ckpt_l, num_kv_blocks=pool, enable_prefix_caching=False)
     reqs = [fx.request(p, f"p{i}", max_tokens=16, min_tokens=16) for i, p in enumerate(chosen)]
     got = run_all(core, {0: reqs})
     assert core.stats.num_preemptions > 0
@@ -181,7 +188,9 @@ def test_n_choices_share_the_prompt_and_seeded_sampling_is_reproducible(ckpt_l, 
         for out in core.step():
             choices[out.index].extend(out.token_ids)
     assert all(len(c) == 6 for c in choices.values())
-    assert core.stats.prefix_cache_hits >= 2 * (len(prompt.input_ids) // 16 - 1) * 16  # children reuse the prompt
+    assert (
+        core.stats.prefix_cache_hits >= 2 * (len(prompt.input_ids) // 16 - 1) * 16
+    )  # children reuse the prompt
     # Same seed, different batch companions: same tokens.
     other = make_core(ckpt_l)
     other.add_request(fx.request(prompts_l[0], "noise", max_tokens=6, temperature=1.0))
