@@ -1,9 +1,10 @@
 """The seam between the decoder and whatever stores its keys and values.
 
-The Llama decoder works on a flattened (varlen) batch: all tokens of all sequences scheduled in one step, concatenated
-into T rows. Each attention layer projects q/k/v, applies RoPE, and hands them to an `Attention` object; what happens
-next (write K/V into a paged cache, attend over a block table, run a Triton or flash-attn kernel) belongs to the
-object, which the engine builds for every step. The model code never changes when a backend is added.
+The Llama decoder works on a flattened (varlen) batch: all tokens of all sequences scheduled in one step,
+concatenated into T rows. Each attention layer projects q/k/v, applies RoPE, and hands them to an `Attention`
+object; what happens next (write K/V into a paged cache, attend over a block table, run a Triton or flash-attn
+kernel) belongs to the object, which the engine builds for every step. The model code never changes when a
+backend is added.
 """
 
 from __future__ import annotations
@@ -49,14 +50,16 @@ def causal_sdpa(
 ) -> torch.Tensor:
     """Attention of q [S, Hq, D] over k/v [num_cached + S, Hkv, D]; query i sees keys 0 .. num_cached + i.
 
-    GQA is handled by `enable_gqa`, so K/V are never repeated in memory.
+    GQA is handled by `enable_gqa`, so K/V are never repeated in memory. The tensors get a batch dim of 1:
+    SDPA's fused CUDA kernels (flash, memory-efficient) accept only 4D inputs, and 3D ones silently fall back
+    to the math kernel (measured on an H200: PLM-8B prefill of 9.5k tokens 2.8 s with 3D, 0.29 s with 4D).
     """
     s, kv_len = q.shape[0], k.shape[0]
-    qh, kh, vh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [H, S, D]
+    qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, H, S, D]
     if num_cached == 0 and s == kv_len:
         out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
     else:
         rows = torch.arange(s, device=q.device)[:, None] + num_cached
         mask = torch.arange(kv_len, device=q.device)[None, :] <= rows  # [S, kv_len]
         out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True)
-    return out.transpose(0, 1)
+    return out[0].transpose(0, 1)
