@@ -13,6 +13,7 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 
 class Attention(Protocol):
@@ -59,7 +60,8 @@ def causal_sdpa(
     if num_cached == 0 and s == kv_len:
         out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
     else:
-        rows = torch.arange(s, device=q.device)[:, None] + num_cached
-        mask = torch.arange(kv_len, device=q.device)[None, :] <= rows  # [S, kv_len]
+        # Bottom-right aligned causal mask as a CausalBias: on CUDA it dispatches to the flash kernel (which aligns
+        # causal masks bottom-right) instead of materializing an [S, kv_len] mask for the math kernel.
+        mask = causal_lower_right(s, kv_len)
         out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True)
     return out[0].transpose(0, 1)
