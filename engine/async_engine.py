@@ -134,6 +134,9 @@ class AsyncEngine:
                 if failures >= _MAX_CONSECUTIVE_FAILURES:
                     raise RuntimeError(f"{failures} engine steps failed in a row: {errors[0].error}")
                 self._publish(outputs)
+            # Stopping: apply the aborts `shutdown()` queued, so their streams end with an ABORT output.
+            self._drain_inbox(block=False)
+            self._fail_all(EngineDeadError("the server is shutting down"))
         except BaseException as exc:  # the loop died: nobody may hang
             logger.exception("engine loop died")
             self._dead = exc

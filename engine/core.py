@@ -94,6 +94,7 @@ class EngineCore:
     # ------------------------------------------------------------------------------------------- requests
     def add_request(self, request: EngineRequest) -> None:
         self.scheduler.add_request(request)  # raises RequestRejectedError for requests that can never run
+        self._refresh_gauges()
 
     def abort_request(self, request_id: str) -> list[StepOutput]:
         """Drop a request everywhere; returns a final ABORT output per unfinished choice (empty if unknown)."""
@@ -101,6 +102,7 @@ class EngineCore:
         for seq in self.scheduler.abort_request(request_id):
             self.detokenizers.pop(seq.seq_id, None)
             outs.append(self._output(seq, "", [], FinishReason.ABORT))
+        self._refresh_gauges()
         return outs
 
     def has_unfinished(self) -> bool:
@@ -171,12 +173,17 @@ class EngineCore:
                 outputs.append(out)
         return outputs
 
-    def _update_stats(self, sched: SchedulerOutput, num_tiles: int, seconds: float) -> None:
+    def _refresh_gauges(self) -> None:
+        """Copy the scheduler's gauges and counters into `stats` (read by other threads without locking)."""
         s, bm, ec = self.stats, self.scheduler.block_manager, self.scheduler.encoder_cache
         s.num_running, s.num_waiting = self.scheduler.num_running, self.scheduler.num_waiting
         s.kv_usage = bm.usage
         s.prefix_cache_queries, s.prefix_cache_hits = bm.queries, bm.hits
         s.encoder_cache_queries, s.encoder_cache_hits = ec.queries, ec.hits
+
+    def _update_stats(self, sched: SchedulerOutput, num_tiles: int, seconds: float) -> None:
+        s = self.stats
+        self._refresh_gauges()
         s.num_encoded_tiles += num_tiles
         s.num_preemptions += len(sched.preempted)
         s.num_steps += 1

@@ -1,0 +1,132 @@
+"""`create_app(config, engine=None)`: the FastAPI application, its lifespan and its error handling.
+
+The lifespan starts loading the model in the background and returns at once, so the server is up (and /health
+answers 503 "loading") while weights load and the KV pool is sized. Tests inject an engine and a processor
+instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from engine import AsyncEngine
+from processors import MediaLimits, Processor
+from server.config import ServerConfig
+from server.deps import ServerContext
+from server.errors import install_exception_handlers
+from server.media_fetch import MediaFetcher
+from server.metrics import ServerMetrics
+from server.middleware import ApiKeyAuth, BodySizeLimit, RequestCounter
+from server.routes import router
+from server.version import VERSION
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(
+    config: ServerConfig,
+    engine: AsyncEngine | None = None,
+    *,
+    processor: Processor | None = None,
+    on_load_failure: Callable[[BaseException], None] | None = None,
+) -> FastAPI:
+    """The app. Without `engine`, the lifespan builds one from `config.engine` (and owns it); without
+    `processor`, it loads the checkpoint's processor. `on_load_failure` lets the CLI stop the process when
+    loading fails."""
+    if engine is None and config.engine is None:
+        raise ValueError("create_app needs an engine or config.engine to build one")
+    ctx = ServerContext(
+        config=config,
+        metrics=ServerMetrics(lambda: ctx.engine),
+        fetcher=MediaFetcher(config),
+        executor=ThreadPoolExecutor(config.preprocess_workers, thread_name_prefix="plm-preprocess"),
+    )
+
+    if engine is not None and processor is not None:
+        ctx.set_loaded(engine, processor)  # both injected (tests): ready before the first request
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loading = None
+        if ctx.engine is None:
+            loading = asyncio.create_task(_load(ctx, engine, processor, on_load_failure))
+        try:
+            yield
+        finally:
+            await _close(ctx, loading)
+
+    app = FastAPI(title="plm-serve", version=VERSION, lifespan=lifespan)
+    app.state.ctx = ctx
+    app.include_router(router)
+    install_exception_handlers(app)
+    # add_middleware wraps: the last added runs first.
+    app.add_middleware(BodySizeLimit, max_bytes=config.max_request_body_bytes)
+    app.add_middleware(ApiKeyAuth, api_key=config.api_key)
+    app.add_middleware(RequestCounter, metrics=ctx.metrics)
+    return app
+
+
+def media_limits(config: ServerConfig) -> MediaLimits:
+    return MediaLimits(
+        max_image_bytes=config.max_image_bytes,
+        max_image_pixels=config.max_image_pixels,
+        max_video_bytes=config.max_video_bytes,
+        max_video_frames=config.max_video_frames,
+        default_video_frames=config.default_video_frames,
+        max_media_per_request=config.max_media_per_request,
+    )
+
+
+async def _load(
+    ctx: ServerContext,
+    engine: AsyncEngine | None,
+    processor: Processor | None,
+    on_failure: Callable[[BaseException], None] | None,
+) -> None:
+    """Load what was not injected, off the event loop; readiness flips when both are there."""
+    cfg = ctx.config
+    try:
+        if processor is None:
+            processor = await asyncio.to_thread(
+                Processor.from_pretrained, cfg.model, limits=media_limits(cfg)
+            )
+        if engine is None:
+            assert cfg.engine is not None
+            logger.info(
+                "loading %s (this can take a while; /health answers 503 until it is ready)", cfg.model
+            )
+            engine = await asyncio.to_thread(AsyncEngine.from_config, cfg.engine)
+            ctx.owns_engine = True
+        ctx.set_loaded(engine, processor)
+        logger.info("ready: serving %r (max_model_len %d)", ctx.model_name, engine.max_model_len)
+    except Exception as exc:
+        logger.exception("failed to load the model from %s", cfg.model)
+        ctx.load_error = f"{type(exc).__name__}: {exc}"
+        if on_failure is not None:
+            on_failure(exc)
+
+
+async def _close(ctx: ServerContext, loading: asyncio.Task | None) -> None:
+    ctx.draining = True
+    if loading is not None and not loading.done():
+        loading.cancel()  # stop waiting; a load thread that is mid-way finishes on its own and is dropped
+    if ctx.owns_engine and ctx.engine is not None:
+        await ctx.engine.shutdown(ctx.config.shutdown_grace_seconds)
+    await ctx.fetcher.aclose()
+    ctx.executor.shutdown(wait=False, cancel_futures=True)
+
+
+async def drain(app: FastAPI, grace_s: float) -> None:
+    """Graceful shutdown (SIGTERM): refuse new requests with 503 (/health too), give running ones `grace_s` to
+    finish, then abort the rest; their streams end and their connections close."""
+    ctx: ServerContext = app.state.ctx
+    ctx.draining = True
+    if ctx.engine is not None:
+        logger.info("draining: %.0fs for running requests to finish", grace_s)
+        await ctx.engine.shutdown(grace_s)

@@ -1,0 +1,192 @@
+"""POST /v1/completions (legacy, plain prompt, no chat template): the same pipeline as chat.py, with
+`text_completion` objects, the legacy logprobs format, and a list of prompts served as one response."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+
+from engine import AsyncEngine, EngineRequest, StepOutput
+from processors import ProcessedPrompt
+from server import sse
+from server.chat import SYSTEM_FINGERPRINT, engine_request, max_prompt_tokens
+from server.deps import ServerContext
+from server.errors import bad_request
+from server.logprobs import completion_logprobs
+from server.metrics import RequestRecorder
+from server.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
+from server.runner import UsageCounter, cancel_on_disconnect, error_body, failure_of, merge, open_all
+from server.sse import SSEResponse
+
+
+async def create_completion(
+    body: CompletionRequest, http: Request, ctx: ServerContext, engine: AsyncEngine
+) -> Response:
+    body.check_supported()
+    arrival = time.monotonic()
+    meta = CompletionMeta(
+        id=f"cmpl-{uuid.uuid4().hex}", model=ctx.model_name, include_usage=body.include_usage
+    )
+    n = body.num_choices
+    usage = UsageCounter()
+
+    async def start() -> AsyncGenerator[StepOutput, None]:
+        requests = await build_requests(body, ctx, engine, meta.id, arrival)
+        usage.prompt_tokens = sum(len(r.prompt_token_ids) for r in requests)
+        recorders = [RequestRecorder(ctx.metrics, arrival) for _ in requests]
+        return merge(await open_all(engine, requests, recorders), n)
+
+    if body.stream:
+        outputs = await cancel_on_disconnect(http, start())
+        return SSEResponse(stream_chunks(outputs, meta, n, usage))
+
+    async def run() -> CompletionResponse:
+        return await collect(await start(), meta, n, len(body.prompts()), usage)
+
+    response = await cancel_on_disconnect(http, run())
+    return JSONResponse(response.model_dump(mode="json"))
+
+
+async def build_requests(
+    body: CompletionRequest, ctx: ServerContext, engine: AsyncEngine, request_id: str, arrival: float
+) -> list[EngineRequest]:
+    assert ctx.processor is not None
+    vocab_size = ctx.processor.tokenizer.get_vocab_size()
+    params = body.to_sampling_params(vocab_size)
+    limit = max_prompt_tokens(params, engine.max_model_len)
+    prompts = body.prompts()
+    loop = asyncio.get_running_loop()
+    processed: list[ProcessedPrompt] = []
+    for i, prompt in enumerate(prompts):
+        param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+        if isinstance(prompt, str):
+            process = functools.partial(ctx.processor.process_prompt, prompt, max_prompt_tokens=limit)
+            processed.append(await loop.run_in_executor(ctx.executor, process))
+        else:
+            processed.append(_token_prompt(prompt, vocab_size, limit, param))
+    # One engine request per prompt; the response id stays shared (engine ids must be unique).
+    ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
+    return [engine_request(rid, p, params, arrival) for rid, p in zip(ids, processed, strict=True)]
+
+
+def _token_prompt(token_ids: list[int], vocab_size: int, limit: int, param: str) -> ProcessedPrompt:
+    if not token_ids:
+        raise bad_request("a prompt of token ids must not be empty", param=param)
+    if any(not 0 <= t < vocab_size for t in token_ids):
+        raise bad_request(f"prompt token ids must be in [0, {vocab_size})", param=param)
+    if len(token_ids) > limit:
+        raise bad_request(
+            f"the prompt has {len(token_ids)} tokens; with max_tokens the limit is {limit}",
+            param=param,
+            code="prompt_too_long_error",
+        )
+    return ProcessedPrompt(token_ids=list(token_ids), media=[])
+
+
+@dataclass
+class CompletionMeta:
+    id: str
+    model: str
+    include_usage: bool = False
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def chunk(self, choices: list[CompletionChoice], **extra: Any) -> CompletionResponse:
+        if self.include_usage:
+            extra.setdefault("usage", None)
+        return CompletionResponse(
+            id=self.id,
+            object="text_completion",
+            created=self.created,
+            model=self.model,
+            system_fingerprint=SYSTEM_FINGERPRINT,
+            choices=choices,
+            **extra,
+        )
+
+
+async def stream_chunks(
+    outputs: AsyncGenerator[StepOutput, None], meta: CompletionMeta, n: int, usage: UsageCounter
+) -> AsyncIterator[str]:
+    offsets: dict[int, int] = {}  # per choice: characters streamed so far (legacy logprobs' text_offset)
+    try:
+        async with aclosing(outputs):  # closed on every exit: what is still running gets aborted
+            async for out in outputs:
+                usage.observe(out, out.index // n)
+                failure = failure_of(out)
+                if failure is not None:
+                    yield sse.error_event(failure.body())
+                    break
+                offset = offsets.get(out.index, 0)
+                offsets[out.index] = offset + len(out.text)
+                if out.text or out.logprobs:
+                    logprobs = completion_logprobs(out.logprobs, offset) if out.logprobs else None
+                    yield sse.event(meta.chunk([_choice(out.index, out.text, logprobs)]))
+                if out.finish_reason is not None:
+                    yield sse.event(meta.chunk([_choice(out.index, "", None, out.finish_reason.value)]))
+            else:
+                if meta.include_usage:
+                    yield sse.event(meta.chunk([], usage=usage.usage()))
+    except Exception as exc:
+        yield sse.error_event(error_body(exc))
+    yield sse.DONE
+
+
+def _choice(index: int, text: str, logprobs: CompletionLogprobs | None, finish: str | None = None):
+    return CompletionChoice(text=text, index=index, logprobs=logprobs, finish_reason=finish)
+
+
+async def collect(
+    outputs: AsyncGenerator[StepOutput, None],
+    meta: CompletionMeta,
+    n: int,
+    num_prompts: int,
+    usage: UsageCounter,
+) -> CompletionResponse:
+    total = n * num_prompts
+    texts: list[list[str]] = [[] for _ in range(total)]
+    logprobs: list[CompletionLogprobs | None] = [None] * total
+    finish: list[str | None] = [None] * total
+    async with aclosing(outputs):
+        async for out in outputs:
+            usage.observe(out, out.index // n)
+            failure = failure_of(out)
+            if failure is not None:
+                raise failure
+            if out.logprobs is not None:
+                part = completion_logprobs(out.logprobs, sum(map(len, texts[out.index])))
+                logprobs[out.index] = _extend(logprobs[out.index], part)
+            texts[out.index].append(out.text)
+            if out.finish_reason is not None:
+                finish[out.index] = out.finish_reason.value
+    choices = [
+        CompletionChoice(text="".join(texts[i]), index=i, logprobs=logprobs[i], finish_reason=finish[i])
+        for i in range(total)
+    ]
+    return CompletionResponse(
+        id=meta.id,
+        object="text_completion",
+        created=meta.created,
+        model=meta.model,
+        system_fingerprint=SYSTEM_FINGERPRINT,
+        choices=choices,
+        usage=usage.usage(),
+    )
+
+
+def _extend(acc: CompletionLogprobs | None, part: CompletionLogprobs) -> CompletionLogprobs:
+    if acc is None:
+        return part
+    acc.text_offset += part.text_offset
+    acc.token_logprobs += part.token_logprobs
+    acc.tokens += part.tokens
+    acc.top_logprobs += part.top_logprobs
+    return acc

@@ -1,0 +1,103 @@
+"""ServerConfig: the HTTP-side settings, built once by the CLI (or a test) and never mutated.
+
+Engine settings live in `engine.EngineConfig` (carried here as `engine`); everything about HTTP, auth, media
+fetching and shutdown lives here. Nothing in this module reads the environment: `server/__main__.py` does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from engine import EngineConfig
+
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """Settings of the OpenAI-compatible frontend, validated in `__post_init__` (actionable ValueErrors)."""
+
+    model: str
+    """Path of the checkpoint folder (weights, tokenizer, processor files)."""
+
+    engine: EngineConfig | None = None
+    """How to build the engine in the lifespan; None when a test injects an engine into `create_app`."""
+
+    served_model_name: str | None = None
+    """The model id clients send and see; None = the checkpoint folder's name."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    api_key: str | None = None
+    """When set, every /v1 route needs `Authorization: Bearer <api_key>`; /health, /metrics, /version stay
+    open."""
+
+    max_request_body_bytes: int = 128 * MiB
+    """Largest HTTP body accepted (413 beyond). Base64 inflates media by 4/3: keep it above
+    max_video_bytes."""
+
+    max_image_bytes: int = 20 * MiB
+    max_image_pixels: int = 50_000_000
+    max_video_bytes: int = 64 * MiB
+    max_video_frames: int = 64
+    default_video_frames: int = 32
+    max_media_per_request: int = 8
+
+    media_fetch_timeout_s: float = 20.0
+    """Whole-download deadline for an http(s) media URL (the connect timeout is the smaller of this and 5
+    s)."""
+
+    max_media_redirects: int = 3
+    allow_private_media_urls: bool = False
+    """Allow http(s) media URLs that resolve to private, loopback, link-local or other non-public
+    addresses."""
+
+    allowed_local_media_path: str | None = None
+    """Directory from which `file://` URLs and plain paths may be read; None = local files are refused."""
+
+    preprocess_workers: int = 2
+    """Threads that decode and tile media off the event loop (more threads mostly fight over the GIL)."""
+
+    shutdown_grace_seconds: float = 30.0
+    """On SIGTERM: time running requests get to finish before they are aborted."""
+
+    def __post_init__(self) -> None:
+        checks = [
+            (bool(self.model), "model must be the path of a checkpoint folder"),
+            (0 <= self.port <= 65535, f"port={self.port}: use 0..65535"),
+            (
+                self.api_key is None or bool(self.api_key),
+                "api_key must not be empty (leave it unset instead)",
+            ),
+            (self.max_request_body_bytes >= 1024, "max_request_body_bytes must be at least 1024"),
+            (self.media_fetch_timeout_s > 0, "media_fetch_timeout_s must be > 0"),
+            (self.max_media_redirects >= 0, "max_media_redirects must be >= 0"),
+            (self.preprocess_workers >= 1, "preprocess_workers must be at least 1"),
+            (self.shutdown_grace_seconds >= 0, "shutdown_grace_seconds must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"invalid server config: {message}")
+        if self.allowed_local_media_path is not None and not Path(self.allowed_local_media_path).is_dir():
+            raise ValueError(
+                f"invalid server config: allowed_local_media_path={self.allowed_local_media_path!r} "
+                "is not a directory"
+            )
+
+    @property
+    def model_name(self) -> str:
+        """The id of the served model: `served_model_name`, else the checkpoint folder's name."""
+        return self.served_model_name or Path(self.model.rstrip("/\\")).name or self.model
+
+    def replace(self, **changes: Any) -> ServerConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def server_field_names() -> set[str]:
+    """Names a YAML preset or the CLI may set on ServerConfig (the engine section is separate)."""
+    return {f.name for f in dataclasses.fields(ServerConfig)} - {"engine"}

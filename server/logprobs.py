@@ -1,0 +1,77 @@
+"""Engine `TokenLogprob`s in OpenAI's two formats: chat (`content: [{token, logprob, bytes, top_logprobs}]`)
+and legacy completions (parallel `tokens` / `token_logprobs` / `top_logprobs` / `text_offset` lists)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from server.protocol import CompletionLogprobs, TokenLogprobOut, TopLogprob
+
+if TYPE_CHECKING:
+    from engine import TokenLogprob
+
+
+def _byte_decoder() -> dict[str, int]:
+    """Inverse of byte-level BPE's byte -> printable-character table (Llama-3's tokenizer is byte-level)."""
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
+    table = {chr(b): b for b in printable}
+    shifted = 0
+    for b in range(256):
+        if b not in printable:
+            table[chr(256 + shifted)] = b
+            shifted += 1
+    return table
+
+
+class TokenBytes:
+    """Exact UTF-8 bytes of a token, which is what OpenAI's `bytes` field is for: a token that ends inside a
+    multi-byte character has text with U+FFFD, but its bytes let a client reassemble the character."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.decoder = _byte_decoder()
+        self.cache: dict[int, list[int]] = {}
+
+    def __call__(self, token_id: int, text: str) -> list[int]:
+        cached = self.cache.get(token_id)
+        if cached is None:
+            cached = self.cache[token_id] = self._lookup(token_id, text)
+        return cached
+
+    def _lookup(self, token_id: int, text: str) -> list[int]:
+        id_to_token = getattr(self.tokenizer, "id_to_token", None)
+        piece = id_to_token(token_id) if id_to_token is not None else None
+        if piece and all(c in self.decoder for c in piece):
+            return [self.decoder[c] for c in piece]
+        return list(text.encode("utf-8"))
+
+
+def chat_logprobs(logprobs: list[TokenLogprob], token_bytes: TokenBytes) -> list[TokenLogprobOut]:
+    return [
+        TokenLogprobOut(
+            token=lp.token,
+            logprob=lp.logprob,
+            bytes=token_bytes(lp.token_id, lp.token),
+            top_logprobs=[
+                TopLogprob(token=text, logprob=value, bytes=token_bytes(tid, text))
+                for tid, text, value in lp.top
+            ],
+        )
+        for lp in logprobs
+    ]
+
+
+def completion_logprobs(logprobs: list[TokenLogprob], text_offset: int) -> CompletionLogprobs:
+    """`text_offset` is where the first of these tokens starts in the choice's text."""
+    out = CompletionLogprobs()
+    for lp in logprobs:
+        out.text_offset.append(text_offset)
+        out.tokens.append(lp.token)
+        out.token_logprobs.append(lp.logprob)
+        out.top_logprobs.append({text: value for _, text, value in lp.top} if lp.top else None)
+        text_offset += len(lp.token)
+    return out

@@ -1,0 +1,122 @@
+"""Pure ASGI middleware, outermost first: count requests by status, check the API key, bound the body size.
+
+They run before FastAPI parses anything, so an unauthenticated or oversized request never reaches JSON parsing
+or validation (a 401 is not hidden behind a 400, and a 1 GB body is never buffered).
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.errors import APIError
+from server.metrics import ServerMetrics
+
+COUNTED_ROUTES = frozenset(
+    {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/version"}
+)
+
+
+async def _send_error(send: Send, err: APIError) -> None:
+    response = err.response()
+    await send(
+        {"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers}
+    )
+    await send({"type": "http.response.body", "body": response.body})
+
+
+class RequestCounter:
+    """`plm_http_requests_total{route, status}`; unknown paths share one label, so scanners cannot blow it
+    up."""
+
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 499  # nginx's "client closed request", if no response is ever started
+
+        async def counting_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        except Exception:
+            if status == 499:
+                status = 500  # the outermost error middleware answers it
+            raise
+        finally:
+            route = scope["path"] if scope["path"] in COUNTED_ROUTES else "other"
+            self.metrics.http_requests.labels(route, str(status)).inc()
+
+
+class ApiKeyAuth:
+    """With an API key configured, every /v1 route needs `Authorization: Bearer <key>` (OpenAI clients send
+    it)."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.expected is not None and scope["type"] == "http" and scope["path"].startswith("/v1"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):  # constant time: no key-guessing by timing
+                err = APIError(
+                    401,
+                    "Missing or incorrect API key: send it as 'Authorization: Bearer <key>'",
+                    code="invalid_api_key",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+                return await _send_error(send, err)
+        await self.app(scope, receive, send)
+
+
+class BodySizeLimit:
+    """413 when Content-Length, or the body actually streamed, exceeds `max_bytes`.
+
+    The body is read here in full (it is bounded, and the JSON parser needs all of it anyway) and replayed to
+    the app; after the replay, `receive` passes through, so the app still sees `http.disconnect`.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await _send_error(send, self._too_large())
+        chunks, total = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # the client gave up while uploading: nothing to answer
+            chunk = message.get("body", b"")
+            total += len(chunk)
+            if total > self.max_bytes:
+                return await _send_error(send, self._too_large())
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        replay: list[Message] = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
+
+        async def replaying_receive() -> Message:
+            return replay.pop() if replay else await receive()
+
+        await self.app(scope, replaying_receive, send)
+
+    def _too_large(self) -> APIError:
+        return APIError(
+            413,
+            f"The request body is larger than the limit of {self.max_bytes} bytes (--max-request-body-bytes)",
+            code="request_too_large",
+        )

@@ -1,0 +1,61 @@
+"""The HTTP routes. Handlers stay thin: check the model id, then hand over to chat.py / completions.py."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from server import chat, completions
+from server.deps import CtxDep, EngineDep, ProcessorDep, check_model
+from server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from server.version import VERSION
+
+router = APIRouter()
+
+
+@router.post("/v1/chat/completions", response_model=None)
+async def create_chat_completion(
+    body: ChatCompletionRequest, request: Request, ctx: CtxDep, engine: EngineDep, _: ProcessorDep
+) -> Response:
+    check_model(body.model, ctx)
+    return await chat.create_chat_completion(body, request, ctx, engine)
+
+
+@router.post("/v1/completions", response_model=None)
+async def create_completion(
+    body: CompletionRequest, request: Request, ctx: CtxDep, engine: EngineDep, _: ProcessorDep
+) -> Response:
+    check_model(body.model, ctx)
+    return await completions.create_completion(body, request, ctx, engine)
+
+
+@router.get("/v1/models")
+async def list_models(ctx: CtxDep) -> JSONResponse:
+    card = ModelCard(
+        id=ctx.model_name,
+        created=ctx.created,
+        root=ctx.config.model,
+        max_model_len=ctx.engine.max_model_len if ctx.engine is not None else None,
+    )
+    return JSONResponse(ModelList(data=[card]).model_dump(mode="json"))
+
+
+@router.get("/health")
+async def health(ctx: CtxDep) -> JSONResponse:
+    """200 when requests can be served; 503 while loading, after a failed load, when the engine died, or
+    draining."""
+    reason = ctx.unavailable_reason()
+    if reason is None:
+        return JSONResponse({"status": "ok"})
+    return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
+
+
+@router.get("/metrics")
+async def metrics(ctx: CtxDep) -> Response:
+    return Response(ctx.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/version")
+async def version() -> JSONResponse:
+    return JSONResponse({"version": VERSION})

@@ -1,0 +1,61 @@
+"""Server test fixtures: the real processor of the tiny checkpoint, a FakeEngine, and an app factory.
+
+Every app built through `make_client` is checked at teardown: no request may have reached the unexpected-error
+handler (user input must never produce a 500).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+
+from processors import Processor
+from server.app import create_app
+from server.config import ServerConfig
+from tests.server.fake_engine import FakeEngine
+
+MODEL_NAME = "plm-tiny"
+
+
+@pytest.fixture(scope="session")
+def processor(ckpt_l) -> Processor:
+    return Processor.from_pretrained(ckpt_l)
+
+
+@pytest.fixture
+def fake() -> FakeEngine:
+    return FakeEngine()
+
+
+def internal_errors(app) -> float:
+    return app.state.ctx.metrics.registry.get_sample_value("plm_internal_errors_total") or 0.0
+
+
+@pytest.fixture
+def make_client(ckpt_l, processor, fake) -> Iterator[Callable[..., TestClient]]:
+    """`make_client(engine=None, processor=None, **server_config)` -> a started TestClient (lifespan run)."""
+    clients: list[TestClient] = []
+
+    def make(engine=None, proc=None, **overrides) -> TestClient:
+        config = ServerConfig(model=str(ckpt_l), served_model_name=MODEL_NAME, **overrides)
+        app = create_app(config, engine or fake, processor=proc or processor)
+        client = TestClient(app, raise_server_exceptions=False)
+        client.__enter__()
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.__exit__(None, None, None)
+        assert internal_errors(client.app) == 0, "a request reached the unexpected-error handler (500)"
+
+
+@pytest.fixture
+def client(make_client) -> TestClient:
+    return make_client()
+
+
+def chat_body(content, **params) -> dict:
+    return {"model": MODEL_NAME, "messages": [{"role": "user", "content": content}], **params}
