@@ -105,7 +105,26 @@ def section_preprocess(rows: list[Row], quick: bool) -> None:
         )
 
 
-SECTIONS = [section_calibration, section_models, section_vision, section_engine, section_preprocess]
+def section_gpu_tests(rows: list[Row], quick: bool) -> None:
+    """The pytest tests marked `gpu` (skipped on CPU-only CI)."""
+    import subprocess
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests"], cwd=ROOT, capture_output=True, text=True
+    )
+    print(proc.stdout[-4000:], proc.stderr[-2000:])
+    last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "no output"
+    rows.append({"check": "pytest -m gpu", "value": last, "ref": "exit 0" if proc.returncode == 0 else "FAILED"})
+
+
+SECTIONS = [
+    section_calibration,
+    section_gpu_tests,
+    section_models,
+    section_vision,
+    section_engine,
+    section_preprocess,
+]
 
 
 def main() -> None:
