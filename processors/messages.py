@@ -1,0 +1,116 @@
+"""OpenAI-style chat messages -> plain template data + the media parts in placeholder order.
+
+Accepted: a non-empty list of {"role", "content"} dicts; roles system/developer (an alias of system), user,
+assistant; content a string, None (assistant turns without text) or a list of {"type": "text", "text": str}
+dicts and `ImageInput` / `VideoInput` objects. Deviation from the reference template, on purpose: a
+plain-string content is one text part (the PLM template silently drops it), and a leading system message is
+given to the template as one string (text parts joined with a newline), because the PLM template only renders
+a string system prompt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from processors.content import ImageInput, VideoInput
+from processors.errors import InvalidContentError
+
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+@dataclass(frozen=True, slots=True)
+class MediaPart:
+    """A media part and where it was in the request."""
+
+    part: ImageInput | VideoInput
+    param: str  # e.g. "messages[1].content[0]"
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedMessages:
+    """Template-ready messages (plain data only) and the media, each kind in the order of its placeholders."""
+
+    messages: list[dict[str, Any]]
+    images: list[MediaPart]
+    videos: list[MediaPart]
+
+
+def parse_messages(messages: Any, forbidden_markers: tuple[str, ...]) -> ParsedMessages:
+    """Validate and convert. `forbidden_markers` (the media placeholder strings) may not appear in text."""
+    if not isinstance(messages, list) or not messages:
+        raise InvalidContentError("messages must be a non-empty list", param="messages")
+    out: list[dict[str, Any]] = []
+    images: list[MediaPart] = []
+    videos: list[MediaPart] = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise InvalidContentError("each message must be an object with 'role' and 'content'", param=where)
+        role = _ROLES.get(message.get("role"))  # type: ignore[arg-type]
+        if role is None:
+            raise InvalidContentError(
+                f"unsupported role {message.get('role')!r}: use system, user or assistant",
+                param=f"{where}.role",
+            )
+        parts = _parts(message.get("content"), f"{where}.content", forbidden_markers, images, videos)
+        if role == "system" and i == 0:
+            out.append({"role": role, "content": _system_text(parts, f"{where}.content")})
+        else:
+            out.append({"role": role, "content": parts})
+    return ParsedMessages(out, images, videos)
+
+
+def _parts(
+    content: Any,
+    where: str,
+    markers: tuple[str, ...],
+    images: list[MediaPart],
+    videos: list[MediaPart],
+) -> list[dict[str, Any]]:
+    if content is None:
+        return []
+    if isinstance(content, str):
+        _check_text(content, where, markers)
+        return [{"type": "text", "text": content}]
+    if not isinstance(content, list):
+        raise InvalidContentError("content must be a string or a list of content parts", param=where)
+    parts: list[dict[str, Any]] = []
+    for j, part in enumerate(content):
+        at = f"{where}[{j}]"
+        if isinstance(part, ImageInput):
+            images.append(MediaPart(part, at))
+            parts.append({"type": "image"})
+        elif isinstance(part, VideoInput):
+            videos.append(MediaPart(part, at))
+            parts.append({"type": "video"})
+        elif isinstance(part, dict) and part.get("type") == "text":
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise InvalidContentError("a text part needs a string 'text'", param=f"{at}.text")
+            _check_text(text, at, markers)
+            parts.append({"type": "text", "text": text})
+        elif isinstance(part, dict):
+            raise InvalidContentError(
+                f"unsupported content part type {part.get('type')!r}: use text, image_url or video_url",
+                param=at,
+            )
+        else:
+            raise InvalidContentError("a content part must be an object with a 'type'", param=at)
+    return parts
+
+
+def _check_text(text: str, where: str, markers: tuple[str, ...]) -> None:
+    for marker in markers:
+        if marker in text:
+            raise InvalidContentError(
+                f"text may not contain the media placeholder {marker}; "
+                "send media as image_url/video_url parts",
+                param=where,
+            )
+
+
+def _system_text(parts: list[dict[str, Any]], where: str) -> str:
+    if any(p["type"] != "text" for p in parts):
+        raise InvalidContentError("a system message may contain only text", param=where)
+    return "\n".join(p["text"] for p in parts)

@@ -1,0 +1,94 @@
+"""The checkpoint tokenizer: `tokenizer.json` through the `tokenizers` library, plus
+`tokenizer_config.json`."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer
+
+from processors.errors import CheckpointConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class TokenizerConfig:
+    """The parts of `tokenizer_config.json` (and `special_tokens_map.json`) the processors use."""
+
+    bos_token: str | None = "<|begin_of_text|>"
+    eos_token: str | None = "<|eot_id|>"
+    pad_token: str | None = None
+    unk_token: str | None = None
+    image_token: str = "<|image|>"
+    video_token: str = "<|video|>"
+    model_max_length: int | None = None
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def template_tokens(self) -> dict[str, str]:
+        """Special tokens as template variables (transformers passes `special_tokens_map`)."""
+        names = ("bos_token", "eos_token", "pad_token", "unk_token", "image_token", "video_token")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+
+def _token(value: Any) -> str | None:
+    """A special token is a string, or (older files) an AddedToken dict with "content"."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def load_tokenizer_config(folder: Path) -> TokenizerConfig:
+    """tokenizer_config.json (+ special_tokens_map.json of 4.x folders); absent keys keep PLM's defaults."""
+    raw: dict[str, Any] = {}
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the latter wins
+        path = folder / name
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as e:
+                raise CheckpointConfigError(f"cannot read {path}: {e}") from e
+            if isinstance(data, dict):
+                raw.update(data)
+    extra = raw.get("extra_special_tokens")
+    extra = extra if isinstance(extra, dict) else {}
+    defaults = TokenizerConfig()
+    max_len = raw.get("model_max_length")
+    return TokenizerConfig(
+        bos_token=_token(raw.get("bos_token")) if "bos_token" in raw else defaults.bos_token,
+        eos_token=_token(raw.get("eos_token")) if "eos_token" in raw else defaults.eos_token,
+        pad_token=_token(raw.get("pad_token")),
+        unk_token=_token(raw.get("unk_token")),
+        image_token=_token(raw.get("image_token"))
+        or _token(extra.get("image_token"))
+        or defaults.image_token,
+        video_token=_token(raw.get("video_token"))
+        or _token(extra.get("video_token"))
+        or defaults.video_token,
+        # transformers writes a huge sentinel (1e30) when a tokenizer has no limit
+        model_max_length=int(max_len) if isinstance(max_len, (int, float)) and max_len < 1e9 else None,
+        raw=raw,
+    )
+
+
+def load_tokenizer(folder: Path) -> Tokenizer:
+    """`tokenizer.json` as a `tokenizers.Tokenizer` with any saved truncation/padding switched off."""
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        raise CheckpointConfigError(f"{folder} has no tokenizer.json")
+    try:
+        tokenizer = Tokenizer.from_file(str(path))
+    except Exception as e:
+        raise CheckpointConfigError(f"cannot load {path}: {e}") from e
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    return tokenizer
+
+
+def token_id(tokenizer: Tokenizer, token: str, what: str) -> int:
+    """Id of a token that must exist in the vocabulary."""
+    value = tokenizer.token_to_id(token)
+    if value is None:
+        raise CheckpointConfigError(f"the tokenizer has no {what} {token!r}")
+    return value
