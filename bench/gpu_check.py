@@ -94,6 +94,63 @@ def section_engine(rows: list[Row], quick: bool) -> None:
         compare_engine_and_hf(ckpt, rows, quick)
 
 
+def section_engine_tiny(rows: list[Row], quick: bool) -> None:
+    """The whole engine on CUDA (bf16) on the tiny reference checkpoint: runs, and agrees with transformers."""
+    from engine import EngineConfig, EngineCore
+    from tests import reference
+    from tests.engine import engine_fixtures as fx
+
+    ckpt = reference.tiny_checkpoint(reference.PE_L)
+    prompts = fx.standard_prompts(reference.load_hf_processor(ckpt))
+    core = EngineCore.load(EngineConfig(model=str(ckpt), device="cuda", dtype="bfloat16", max_num_seqs=64))
+    tokens: dict[str, list[int]] = {}
+    for i in range(16):
+        req = fx.request(prompts[i % len(prompts)], f"r{i}", max_tokens=12, min_tokens=12)
+        core.add_request(req)
+        tokens[req.request_id] = []
+    t0 = time.perf_counter()
+    while core.has_unfinished():
+        for out in core.step():
+            assert out.error is None, out.error
+            tokens[out.request_id].extend(out.token_ids)
+    seconds = time.perf_counter() - t0
+    core.scheduler.check_integrity()
+    hf = reference.load_hf_model(ckpt).to("cuda", torch.bfloat16)
+    for p in prompts:
+        p.pixel_values = None if p.pixel_values is None else p.pixel_values.to("cuda", torch.bfloat16)
+        p.pixel_values_videos = (
+            None if p.pixel_values_videos is None else p.pixel_values_videos.to("cuda", torch.bfloat16)
+        )
+    agree = 0
+    for i in range(len(prompts)):
+        ids = torch.tensor([prompts[i].input_ids], device="cuda")
+        kwargs = {
+            k: v
+            for k, v in (
+                ("pixel_values", prompts[i].pixel_values),
+                ("pixel_values_videos", prompts[i].pixel_values_videos),
+            )
+            if v is not None
+        }
+        with torch.no_grad():
+            out = hf.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=12,
+                min_new_tokens=12,
+                **kwargs,
+            )
+        agree += out[0, ids.shape[1] :].tolist()[:4] == tokens[f"r{i}"][:4]
+    rows.append(
+        {
+            "check": "engine on CUDA bf16, tiny checkpoint, 16 requests (text/image/video)",
+            "value": f"ran in {seconds:.2f}s, KV blocks {core.stats.num_kv_blocks}; first 4 greedy tokens agree with HF bf16 {agree}/{len(prompts)}",
+            "ref": "integrity ok",
+        }
+    )
+
+
 def section_preprocess(rows: list[Row], quick: bool) -> None:
     from bench import preprocess
 
@@ -114,15 +171,18 @@ def section_gpu_tests(rows: list[Row], quick: bool) -> None:
     )
     print(proc.stdout[-4000:], proc.stderr[-2000:])
     last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "no output"
-    rows.append({"check": "pytest -m gpu", "value": last, "ref": "exit 0" if proc.returncode == 0 else "FAILED"})
+    rows.append(
+        {"check": "pytest -m gpu", "value": last, "ref": "exit 0" if proc.returncode == 0 else "FAILED"}
+    )
 
 
 SECTIONS = [
     section_calibration,
+    section_engine_tiny,
     section_gpu_tests,
+    section_engine,
     section_models,
     section_vision,
-    section_engine,
     section_preprocess,
 ]
 
@@ -149,6 +209,10 @@ def main() -> None:
             )
         print(f"   {time.perf_counter() - t0:.1f}s", flush=True)
         torch.cuda.empty_cache()
+        write_report(rows, args.out)  # after every section: a run cut short still leaves its table
+
+
+def write_report(rows: list[Row], out: Path) -> None:
     props = torch.cuda.get_device_properties(0)
     lines = [
         f"# GPU check, {datetime.date.today()}",
@@ -160,9 +224,9 @@ def main() -> None:
     ]
     lines += [f"| {r['check']} | {r['value']} | {r.get('ref', '')} |" for r in rows]
     report = "\n".join(lines) + "\n"
-    print(report)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"gpu-check-{datetime.date.today()}.md").write_text(report)
+    print(report, flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"gpu-check-{datetime.date.today()}.md").write_text(report)
 
 
 if __name__ == "__main__":

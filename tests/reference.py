@@ -239,7 +239,9 @@ def build_hf_model(v: Variant):
 def _key(v: Variant) -> str:
     import transformers
 
-    blob = json.dumps({"variant": asdict(v), "transformers": transformers.__version__, "format": 2}, sort_keys=True)
+    blob = json.dumps(
+        {"variant": asdict(v), "transformers": transformers.__version__, "format": 2}, sort_keys=True
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
