@@ -167,7 +167,20 @@ def section_gpu_tests(rows: list[Row], quick: bool) -> None:
     import subprocess
 
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests"], cwd=ROOT, capture_output=True, text=True
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-m",
+            "gpu",
+            "tests/models",
+            "tests/engine",
+            "tests/processors",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
     )
     print(proc.stdout[-4000:], proc.stderr[-2000:])
     last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "no output"
