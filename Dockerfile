@@ -18,7 +18,10 @@ COPY requirements/ requirements/
 RUN pip install --upgrade pip \
     && pip install "torch>=2.11" --index-url https://download.pytorch.org/whl/cu128 \
     && pip install fastapi uvicorn pydantic safetensors tokenizers jinja2 pillow av httpx numpy pyyaml \
-        prometheus-client tqdm llama-models
+        prometheus-client tqdm
+# The Llama 3 tokenizer file for the demo model. llama-models also ships a top-level `models` package that would
+# shadow ours, so it goes to a folder outside the import path (processors/tiktoken_convert.py looks there).
+RUN pip install --no-deps --target /opt/venv/llama-models llama-models==0.3.0
 
 COPY server/ server/
 COPY offline/ offline/

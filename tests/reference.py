@@ -83,9 +83,9 @@ def cache_root() -> Path:
 
 
 def llama3_tiktoken_file() -> Path:
-    import llama_models
+    from processors.tiktoken_convert import llama3_tiktoken_file as locate
 
-    return Path(llama_models.__file__).parent / "llama3" / "tokenizer.model"
+    return locate()
 
 
 def special_tokens() -> list[str]:
