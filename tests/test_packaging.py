@@ -27,4 +27,7 @@ def test_the_llama3_tokenizer_file_is_found_without_importing_llama_models():
 
     path = llama3_tiktoken_file()
     assert path.is_file() and path.stat().st_size > 1_000_000
-    assert "models" not in sys.modules or Path(sys.modules["models"].__file__).resolve().parent == ROOT / "models"
+    assert (
+        "models" not in sys.modules
+        or Path(sys.modules["models"].__file__).resolve().parent == ROOT / "models"
+    )
