@@ -144,6 +144,8 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _reason(e: BaseException) -> str:
-    # PyAV names the input '<none>' when reading from memory; that says nothing to a user.
-    text = re.sub(r":? ?'<none>'", "", str(e)).strip() or type(e).__name__
+    # PyAV names the input '<none>' and PIL the in-memory file '<_io.BytesIO object at 0x…>' when reading from
+    # memory; neither says anything to a user.
+    text = re.sub(r":? ?'<none>'", "", str(e))
+    text = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", text).strip() or type(e).__name__
     return text if len(text) <= 200 else text[:200] + "…"

@@ -141,6 +141,7 @@ def test_broken_images(processor, name: str) -> None:
         _chat(processor, ImageInput(data))
     assert info.value.param == "messages[0].content[1]"
     assert str(info.value)
+    assert "0x" not in str(info.value) and "<_io." not in str(info.value)  # no Python object reprs for users
 
 
 @pytest.mark.parametrize("name", sorted(BROKEN_VIDEOS))
