@@ -151,6 +151,45 @@ def section_engine_tiny(rows: list[Row], quick: bool) -> None:
     )
 
 
+def section_profile_decode(rows: list[Row], quick: bool) -> None:
+    """Where one engine step's time goes at PLM-1B shapes: 64 running decodes, torch profiler top ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from engine import EngineConfig, EngineCore, EngineRequest, SamplingParams
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = _random_checkpoint("plm-1b", Path(tmp) / "plm-1b-random")
+        core = EngineCore.load(EngineConfig(model=str(ckpt), device="cuda", dtype="bfloat16"))
+        gen = torch.Generator().manual_seed(0)
+        for i in range(64):
+            ids = [128000, *torch.randint(1000, 100_000, (511,), generator=gen).tolist()]
+            core.add_request(EngineRequest(f"p{i}", ids, SamplingParams(max_tokens=64, min_tokens=64)))
+        while core.stats.num_steps < 6:  # prefill and a few decodes
+            core.step()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(10):
+            core.step()
+        torch.cuda.synchronize()
+        step_ms = (time.perf_counter() - t0) / 10 * 1e3
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(3):
+                core.step()
+            torch.cuda.synchronize()
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=20))
+        print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=20))
+        events = prof.key_averages()
+        cuda_ms = sum(e.self_device_time_total for e in events) / 3 / 1e3
+        launches = sum(e.count for e in events if e.key.startswith("cudaLaunchKernel")) / 3
+        rows.append(
+            {
+                "check": "decode step, PLM-1B shapes, 64 sequences at ctx ~520",
+                "value": f"{step_ms:.1f} ms/step wall, {cuda_ms:.1f} ms GPU kernels, {launches:.0f} launches/step",
+                "ref": "1.07 ms floor at B=32, ctx 2048 (performance.md)",
+            }
+        )
+
+
 def section_preprocess(rows: list[Row], quick: bool) -> None:
     from bench import preprocess
 
@@ -194,6 +233,7 @@ SECTIONS = [
     section_engine_tiny,
     section_gpu_tests,
     section_engine,
+    section_profile_decode,
     section_models,
     section_vision,
     section_preprocess,
