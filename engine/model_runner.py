@@ -152,9 +152,8 @@ class ModelRunner:
             return RunnerOutput({}, {}, num_tiles)
         logits = self.model.compute_logits(hidden[batch.sample_rows])  # [S, V] float32
         seqs = [c.seq for c in sample_chunks]
-        result = self.sampler(
-            logits, SamplingBatch.from_sequences(seqs, self.vocab_size, self.device, self.eos_token_ids)
-        )
+        sampling = SamplingBatch.from_sequences(seqs, self.vocab_size, self.device, self.eos_token_ids)
+        result = self.sampler(logits, sampling, consume=True)  # this step's own logits: no [B, V] copy needed
         sampled = {s.seq_id: int(t) for s, t in zip(seqs, result.token_ids, strict=True)}
         logprobs = {}
         if result.logprobs is not None:

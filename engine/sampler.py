@@ -181,12 +181,13 @@ class SamplerOutput:
 class Sampler:
     """Stateless; see the module docstring for the pipeline."""
 
-    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
-        # logits: [B, V] float32 (the caller's tensor is not modified)
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch, consume: bool = False) -> SamplerOutput:
+        # logits: [B, V] float32. The caller's tensor is not modified unless it hands it over with `consume=True`
+        # (the model runner does: it saves a [B, V] copy per step, 32 MB at B = 64).
         assert logits.shape[0] == batch.size, "one row of logits per sequence"
         logits = logits.float()
         raw = torch.log_softmax(logits, dim=-1) if batch.max_logprobs >= 0 else None
-        logits = _apply_bias_and_bans(logits, batch)
+        logits = _apply_bias_and_bans(logits, batch, inplace=consume)
         logits = _apply_penalties(logits, batch)
         if batch.all_greedy:
             tokens = logits.argmax(dim=-1)
@@ -197,10 +198,11 @@ class Sampler:
         return SamplerOutput(token_ids, logprobs)
 
 
-def _apply_bias_and_bans(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+def _apply_bias_and_bans(logits: torch.Tensor, batch: SamplingBatch, inplace: bool) -> torch.Tensor:
     if batch.bias is None and batch.banned is None:
         return logits
-    logits = logits.clone()
+    if not inplace:
+        logits = logits.clone()
     if batch.bias is not None:
         rows, ids, values = batch.bias
         logits.index_put_((rows, ids), values, accumulate=True)

@@ -160,17 +160,19 @@ def test_logit_bias_and_min_tokens() -> None:
         make_seq(min_tokens=2, outputs=(1, 1), seq_id=2),  # min_tokens reached: EOS allowed again
     ]
     batch = batch_of(seqs)
-    processed = _apply_bias_and_bans(logits, batch)
+    processed = _apply_bias_and_bans(logits, batch, inplace=False)
     assert processed[0, 11] == 100.0 and processed[0, 12] == -5.0
     assert processed[1, EOS] == -math.inf and processed[1, 9] == -math.inf
     assert torch.equal(processed[2], logits[2])
     assert Sampler()(logits, batch).token_ids == [11, 0, EOS]
     assert logits[0, 11] == 0.0  # the caller's logits are untouched
+    handed_over = logits.clone()
+    assert Sampler()(handed_over, batch, consume=True).token_ids == [11, 0, EOS]  # same tokens, no copy
 
 
 def test_min_tokens_with_ignore_eos_masks_only_stop_ids() -> None:
     batch = batch_of([make_seq(min_tokens=1, ignore_eos=True, stop_token_ids=[9])])
-    processed = _apply_bias_and_bans(torch.zeros(1, V), batch)
+    processed = _apply_bias_and_bans(torch.zeros(1, V), batch, inplace=True)
     assert torch.isinf(processed[0]).nonzero().flatten().tolist() == [9]
 
 
