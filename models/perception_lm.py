@@ -79,12 +79,12 @@ class PerceptionLM(nn.Module):
         normalization, fp32): for the released models exactly (x - 127.5) / 127.5.
         """
         pix = self.config.pixel
-        x = pixels_u8.to(torch.float32)
+        x = pixels_u8.to(torch.float32, copy=True)  # never the caller's tensor, even if already fp32
         if pix.do_normalize:
             mean, std = self._pixel_mean_std(x.device)
-            x = (x - mean) / std
+            x = x.sub_(mean).div_(std)  # in place: x is our own fp32 copy (37 tiles = 89 MB)
         elif pix.do_rescale:
-            x = x * pix.rescale_factor
+            x = x.mul_(pix.rescale_factor)
         return x.to(self.dtype)
 
     def _pixel_mean_std(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
