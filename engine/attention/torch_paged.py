@@ -1,8 +1,10 @@
 """Reference paged attention in plain PyTorch: runs anywhere, and is the oracle for faster kernels.
 
 Each layer first scatters the step's new K/V into the pool at `slot_mapping`, then attends:
-- decode rows (one query per sequence) in one batched SDPA over K/V gathered to [B, max_ctx] with a length mask;
-- prefill chunks one sequence at a time with a causal mask offset by the tokens already cached.
+- every decode row of the step (one query per sequence) in one batched SDPA over its sequence's K/V gathered
+  to [B_decode, max_ctx] with a length mask, also when prefill chunks share the step;
+- each prefill chunk with a causal mask offset by the tokens already cached.
+Slot indices are computed once per step (here, in `__init__`) and shared by all layers.
 """
 
 from __future__ import annotations
@@ -15,39 +17,60 @@ from engine.attention.metadata import AttentionMetadata
 from models.attention import causal_sdpa
 
 
+def context_slots(block_tables: torch.Tensor, num_positions: int, block_size: int) -> torch.Tensor:
+    """[B, max_blocks] block tables -> [B, num_positions] cache slots of positions 0 .. num_positions - 1."""
+    pos = torch.arange(num_positions, device=block_tables.device)
+    blocks = block_tables.long().gather(1, (pos // block_size).expand(block_tables.shape[0], -1))
+    return blocks * block_size + pos % block_size
+
+
 class TorchPagedAttention:
     def __init__(self, kv_cache: KVCache, metadata: AttentionMetadata) -> None:
         self.kv = kv_cache
         self.meta = metadata
-        bs = kv_cache.block_size
-        # Slots of every cached token of every sequence, [B, max_ctx], and a validity mask: built once per step.
-        max_ctx = max(metadata.context_lens_host)
-        pos = torch.arange(max_ctx, device=metadata.block_tables.device)
-        blocks = metadata.block_tables.long().gather(1, (pos // bs).expand(metadata.num_seqs, -1))
-        self.ctx_slots = blocks * bs + pos % bs  # [B, max_ctx]
-        self.ctx_valid = pos[None, :] < metadata.context_lens[:, None]  # [B, max_ctx]
+        bs, dev = kv_cache.block_size, metadata.block_tables.device
+        starts = [0]
+        for n in metadata.query_lens:
+            starts.append(starts[-1] + n)
+        decodes = [i for i, n in enumerate(metadata.query_lens) if n == 1]
+        # Prefill chunks: (rows of the step, their sequence's cache slots [ctx_len], tokens already cached).
+        self.prefills = [
+            (
+                slice(starts[i], starts[i + 1]),
+                context_slots(metadata.block_tables[i : i + 1], ctx, bs)[0],
+                ctx - n,
+            )
+            for i, (n, ctx) in enumerate(zip(metadata.query_lens, metadata.context_lens_host, strict=True))
+            if n > 1
+        ]
+        self.decode_rows: torch.Tensor | None = None  # None: no decode rows
+        if decodes:
+            index = torch.tensor(decodes, device=dev)
+            max_ctx = max(metadata.context_lens_host[i] for i in decodes)
+            self.decode_slots = context_slots(metadata.block_tables[index], max_ctx, bs)  # [B_dec, max_ctx]
+            positions = torch.arange(max_ctx, device=dev)
+            self.decode_valid = positions[None, :] < metadata.context_lens[index][:, None]  # [B_dec, max_ctx]
+            pure = len(decodes) == metadata.num_seqs
+            self.decode_rows = None if pure else torch.tensor([starts[i] for i in decodes], device=dev)
+        self.has_decodes = bool(decodes)
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         keys, values = self.kv.keys(layer), self.kv.values(layer)  # [num_slots, Hkv, D]
         keys[self.meta.slot_mapping] = k
         values[self.meta.slot_mapping] = v
-        if self.meta.is_pure_decode:
+        if self.has_decodes and not self.prefills:
             return self._decode(q, keys, values)
         out = torch.empty_like(q)
-        start = 0
-        for i, (q_len, ctx_len) in enumerate(
-            zip(self.meta.query_lens, self.meta.context_lens_host, strict=True)
-        ):
-            slots = self.ctx_slots[i, :ctx_len]
-            rows = slice(start, start + q_len)
-            out[rows] = causal_sdpa(q[rows], keys[slots], values[slots], num_cached=ctx_len - q_len)
-            start += q_len
+        if self.has_decodes:
+            out[self.decode_rows] = self._decode(q[self.decode_rows], keys, values)
+        for rows, slots, num_cached in self.prefills:
+            out[rows] = causal_sdpa(q[rows], keys[slots], values[slots], num_cached=num_cached)
         return out
 
     def _decode(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         # q: [B, Hq, D] -> one query per sequence over its padded context [B, Hkv, max_ctx, D].
-        k_ctx = keys[self.ctx_slots].transpose(1, 2)
-        v_ctx = values[self.ctx_slots].transpose(1, 2)
-        mask = self.ctx_valid[:, None, None, :]  # [B, 1, 1, max_ctx]
+        k_ctx = keys[self.decode_slots].transpose(1, 2)
+        v_ctx = values[self.decode_slots].transpose(1, 2)
+        mask = self.decode_valid[:, None, None, :]  # [B, 1, 1, max_ctx]
         out = F.scaled_dot_product_attention(q[:, :, None, :], k_ctx, v_ctx, attn_mask=mask, enable_gqa=True)
         return out[:, :, 0, :]
