@@ -68,9 +68,13 @@ class TorchPagedAttention:
         return out
 
     def _decode(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        # q: [B, Hq, D] -> one query per sequence over its padded context [B, Hkv, max_ctx, D].
+        # q: [B, Hq, D], one query per sequence. The q heads that share a KV head become that head's G "query
+        # positions": [B, Hkv, G, D] over K/V [B, Hkv, max_ctx, D]. Plain multi-head SDPA then covers GQA without
+        # repeating K/V in memory (`enable_gqa` would send a masked call to the math kernel on CUDA).
+        b, hq, d = q.shape
+        hkv = keys.shape[1]
         k_ctx = keys[self.decode_slots].transpose(1, 2)
         v_ctx = values[self.decode_slots].transpose(1, 2)
         mask = self.decode_valid[:, None, None, :]  # [B, 1, 1, max_ctx]
-        out = F.scaled_dot_product_attention(q[:, :, None, :], k_ctx, v_ctx, attn_mask=mask, enable_gqa=True)
-        return out[:, :, 0, :]
+        out = F.scaled_dot_product_attention(q.reshape(b, hkv, hq // hkv, d), k_ctx, v_ctx, attn_mask=mask)
+        return out.reshape(b, hq, d)
