@@ -22,7 +22,7 @@ from server.deps import ServerContext
 from server.errors import install_exception_handlers
 from server.media_fetch import MediaFetcher
 from server.metrics import ServerMetrics
-from server.middleware import ApiKeyAuth, BodySizeLimit, RequestCounter
+from server.middleware import ApiKeyAuth, BodySizeLimit, RequestCounter, RequestId
 from server.routes import router
 from server.version import VERSION
 
@@ -69,6 +69,7 @@ def create_app(
     app.add_middleware(BodySizeLimit, max_bytes=config.max_request_body_bytes)
     app.add_middleware(ApiKeyAuth, api_key=config.api_key)
     app.add_middleware(RequestCounter, metrics=ctx.metrics)
+    app.add_middleware(RequestId)
     return app
 
 

@@ -1,4 +1,5 @@
-"""Pure ASGI middleware, outermost first: count requests by status, check the API key, bound the body size.
+"""Pure ASGI middleware, outermost first: tag responses with a request id, count requests by status, check the
+API key, bound the body size.
 
 They run before FastAPI parses anything, so an unauthenticated or oversized request never reaches JSON parsing
 or validation (a 401 is not hidden behind a 400, and a 1 GB body is never buffered).
@@ -7,6 +8,8 @@ or validation (a 401 is not hidden behind a 400, and a 1 GB body is never buffer
 from __future__ import annotations
 
 import hmac
+import re
+import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -24,6 +27,32 @@ async def _send_error(send: Send, err: APIError) -> None:
         {"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers}
     )
     await send({"type": "http.response.body", "body": response.body})
+
+
+_CLIENT_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+class RequestId:
+    """Every response carries `X-Request-Id`: the client's own (if it is a sane token) or a fresh one, so a
+    request can be followed through logs and proxies. Errors answered by inner middleware carry it too."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if _CLIENT_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def tagging_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+                message = {**message, "headers": [*headers, (b"x-request-id", request_id.encode())]}
+            await send(message)
+
+        await self.app(scope, receive, tagging_send)
 
 
 class RequestCounter:

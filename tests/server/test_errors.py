@@ -221,3 +221,13 @@ def test_unexpected_exception_is_a_500_envelope(make_client, processor):
 
     assert internal_errors(client.app) == 1
     client.app.state.ctx.metrics.internal_errors._value.set(0)  # expected here; the fixture checks the rest
+
+
+def test_every_response_carries_a_request_id(client):
+    ok = client.get("/v1/models", headers={"X-Request-Id": "trace-42"})
+    assert ok.headers["x-request-id"] == "trace-42"
+    bad = client.post("/v1/chat/completions", content=b"{not json", headers={"X-Request-Id": "bad id\n"})
+    assert bad.status_code == 400
+    generated = bad.headers["x-request-id"]
+    assert len(generated) == 32 and generated != "bad id\n"  # an unsafe client value is replaced
+    assert client.get("/health").headers["x-request-id"] != generated
