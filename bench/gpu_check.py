@@ -1,6 +1,10 @@
 """Everything GPU-related in one prepared run: correctness in bf16 on CUDA, then speed against the rooflines.
 
-    python bench/gpu_check.py [--out DIR] [--quick]
+    python bench/gpu_check.py [--out DIR] [--quick] [--only engine_tiny,gpu_tests,engine,profile_decode]
+
+Needs torch with CUDA, transformers and timm (for the reference), and the Llama 3 tokenizer file from the
+llama-models wheel: install that wheel *outside* the import path (it also ships a top-level `models` package),
+e.g. `pip install --no-deps --target "$(python -c 'import sys;print(sys.prefix)')/llama-models" llama-models`.
 
 Each section is independent (a failure is printed and the next section runs) and appends rows to one table,
 printed at the end and written to DIR/gpu-check-<date>.md (default bench/results/). Rooflines: performance.md
