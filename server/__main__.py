@@ -134,6 +134,11 @@ def build_configs(args: argparse.Namespace, environ: dict[str, str]) -> ServerCo
             "answers are meaningless. Pass --model /path/to/Perception-LM-1B to serve a real checkpoint.",
             model,
         )
+    if not (Path(model) / "config.json").is_file():
+        raise SystemExit(
+            f"plm-serve: --model {model}: not a checkpoint folder (no config.json); give the folder of a "
+            "Perception-LM checkpoint in the Hugging Face format, or no --model for the demo model"
+        )
     engine_part["model"] = model
     try:
         engine_config = EngineConfig(**engine_part)

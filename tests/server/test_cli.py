@@ -24,51 +24,68 @@ def configs(argv: list[str], environ: dict[str, str] | None = None) -> ServerCon
     return cli.build_configs(cli.build_parser().parse_args(argv), environ or {})
 
 
-def test_flags_override_the_preset_which_overrides_defaults(tmp_path):
+def as_checkpoint(folder: Path) -> Path:
+    """Make `folder` pass for a checkpoint (the CLI checks for config.json before anything loads)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text("{}")
+    return folder
+
+
+@pytest.fixture
+def model_dir(tmp_path) -> Path:
+    return as_checkpoint(tmp_path / "ckpt")
+
+
+def test_a_model_path_that_is_no_checkpoint_exits_with_a_message(tmp_path):
+    with pytest.raises(SystemExit, match="not a checkpoint folder"):
+        configs(["--model", str(tmp_path / "missing")])
+
+
+def test_flags_override_the_preset_which_overrides_defaults(tmp_path, model_dir):
     preset = tmp_path / "p.yaml"
     preset.write_text(
         yaml.safe_dump({"max_num_seqs": 8, "dtype": "bfloat16", "port": 9000, "max_image_bytes": 10})
     )
     cfg = configs(
-        ["--model", str(tmp_path), "--config", str(preset), "--max-num-seqs", "4", "--host", "0.0.0.0"]
+        ["--model", str(model_dir), "--config", str(preset), "--max-num-seqs", "4", "--host", "0.0.0.0"]
     )
-    assert cfg.engine is not None and cfg.engine.model == cfg.model == str(tmp_path)
+    assert cfg.engine is not None and cfg.engine.model == cfg.model == str(model_dir)
     assert (cfg.engine.max_num_seqs, cfg.engine.dtype) == (4, "bfloat16")  # flag beats preset
     assert (cfg.host, cfg.port, cfg.max_image_bytes) == ("0.0.0.0", 9000, 10)
     assert cfg.engine.max_num_batched_tokens == 16384 and cfg.shutdown_grace_seconds == 30  # defaults
-    assert cfg.model_name == tmp_path.name
+    assert cfg.model_name == model_dir.name
 
 
-def test_sectioned_presets_and_served_model_name(tmp_path):
+def test_sectioned_presets_and_served_model_name(tmp_path, model_dir):
     preset = tmp_path / "p.yaml"
     preset.write_text(
         yaml.safe_dump({"engine": {"num_kv_blocks": 64}, "server": {"served_model_name": "plm"}})
     )
-    cfg = configs(["--model", str(tmp_path), "--config", str(preset), "--no-enable-prefix-caching"])
+    cfg = configs(["--model", str(model_dir), "--config", str(preset), "--no-enable-prefix-caching"])
     assert cfg.engine.num_kv_blocks == 64 and not cfg.engine.enable_prefix_caching
     assert cfg.model_name == "plm"
 
 
-def test_api_key_from_flag_or_environment(tmp_path):
-    assert configs(["--model", str(tmp_path)], {"PLM_API_KEY": "env-key"}).api_key == "env-key"
-    assert configs(["--model", str(tmp_path), "--api-key", "flag"], {"PLM_API_KEY": "env"}).api_key == "flag"
-    assert configs(["--model", str(tmp_path)]).api_key is None
+def test_api_key_from_flag_or_environment(model_dir):
+    assert configs(["--model", str(model_dir)], {"PLM_API_KEY": "env-key"}).api_key == "env-key"
+    assert configs(["--model", str(model_dir), "--api-key", "flag"], {"PLM_API_KEY": "env"}).api_key == "flag"
+    assert configs(["--model", str(model_dir)]).api_key is None
 
 
-def test_bad_settings_exit_with_a_message(tmp_path):
+def test_bad_settings_exit_with_a_message(tmp_path, model_dir):
     preset = tmp_path / "p.yaml"
     preset.write_text("max_num_sequences: 3\n")
     with pytest.raises(SystemExit, match="unknown setting"):
-        configs(["--model", str(tmp_path), "--config", str(preset)])
+        configs(["--model", str(model_dir), "--config", str(preset)])
     with pytest.raises(SystemExit, match="max_num_seqs"):
-        configs(["--model", str(tmp_path), "--max-num-seqs", "0"])
+        configs(["--model", str(model_dir), "--max-num-seqs", "0"])
     with pytest.raises(SystemExit, match="allowed_local_media_path"):
-        configs(["--model", str(tmp_path), "--allowed-local-media-path", str(tmp_path / "nope")])
+        configs(["--model", str(model_dir), "--allowed-local-media-path", str(tmp_path / "nope")])
 
 
 @pytest.mark.parametrize("preset", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
-def test_shipped_presets_load(preset, tmp_path):
-    cfg = configs(["--model", str(tmp_path), "--config", str(preset)])
+def test_shipped_presets_load(preset, model_dir):
+    cfg = configs(["--model", str(model_dir), "--config", str(preset)])
     assert cfg.engine is not None
 
 
@@ -84,7 +101,9 @@ def test_demo_checkpoint_is_built_once_per_version(tmp_path, monkeypatch):
 
 
 def test_no_model_serves_the_demo_and_says_its_weights_are_random(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(cli, "ensure_demo_checkpoint", lambda root, version: root / f"demo-{version}")
+    monkeypatch.setattr(
+        cli, "ensure_demo_checkpoint", lambda root, version: as_checkpoint(root / f"demo-{version}")
+    )
     with caplog.at_level("WARNING"):
         cfg = configs([], {"XDG_CACHE_HOME": str(tmp_path)})
     assert cfg.model == str(tmp_path / "plm-serve" / f"demo-{cli.VERSION}")
