@@ -16,7 +16,7 @@ from tokenizers import Tokenizer
 
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
-from engine.model_runner import ModelRunner, to_token_logprob
+from engine.model_runner import ModelRunner, RunnerOutput, to_token_logprob
 from engine.request import EngineRequest, FinishReason, StepOutput
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence
@@ -124,7 +124,7 @@ class EngineCore:
         self._update_stats(sched, result.num_encoded_tiles, time.perf_counter() - t0)
         return outputs
 
-    def _emit(self, seq: Sequence, result) -> StepOutput:
+    def _emit(self, seq: Sequence, result: RunnerOutput) -> StepOutput:
         token = result.sampled[seq.seq_id]
         detok = self.detokenizers.get(seq.seq_id)
         if detok is None:
