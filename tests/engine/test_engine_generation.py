@@ -225,7 +225,7 @@ def test_a_prompt_with_more_media_than_the_encoder_cache_holds(ckpt_l, processor
     # images are encoded as the prefill reaches them and released once it has passed them.
     prompt = fx.build_prompt(processor_l, "many", "All?", images=[fx.photo(640, 480, i) for i in range(8)])
     assert sum(m.length for m in prompt.media) > 9472
-    core = make_core(ckpt_l, encoder_cache_tokens=9472, max_encoder_tiles_per_step=8)
+    core = make_core(ckpt_l, num_kv_blocks=1024, encoder_cache_tokens=9472, max_encoder_tiles_per_step=8)
     got = run_all(core, {0: [fx.request(prompt, "many", max_tokens=6, min_tokens=6)]})
     assert got["many"] == fx.hf_greedy(reference.load_hf_model(ckpt_l), prompt, 6)
     assert core.stats.num_encoded_tiles == 40
