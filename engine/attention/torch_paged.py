@@ -64,7 +64,10 @@ class TorchPagedAttention:
         if self.has_decodes:
             out[self.decode_rows] = self._decode(q[self.decode_rows], keys, values)
         for rows, slots, num_cached in self.prefills:
-            out[rows] = causal_sdpa(q[rows], keys[slots], values[slots], num_cached=num_cached)
+            if num_cached == 0:  # the whole context is this step's own K/V: no need to read it back
+                out[rows] = causal_sdpa(q[rows], k[rows], v[rows])
+            else:
+                out[rows] = causal_sdpa(q[rows], keys[slots], values[slots], num_cached=num_cached)
         return out
 
     def _decode(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
