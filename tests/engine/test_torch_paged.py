@@ -13,8 +13,14 @@ BS, HQ, HKV, D = 4, 4, 2, 8
 def test_mixed_step_of_decodes_and_chunks_over_scattered_blocks():
     gen = torch.Generator().manual_seed(0)
     cache = KVCache.allocate(1, 32, BS, HKV, D, torch.float32, "cpu")
-    # (tokens already cached, tokens in this step, block table): two decodes and a chunk over a cached prefix.
-    seqs = [(36, 1, [7, 3, 30, 1, 12, 9, 4, 20, 2, 5]), (20, 5, [11, 0, 25, 17, 6, 8, 13]), (2, 1, [31])]
+    # (tokens already cached, tokens in this step, block table): two decodes, a chunk over a cached prefix and
+    # a first chunk.
+    seqs = [
+        (36, 1, [7, 3, 30, 1, 12, 9, 4, 20, 2, 5]),
+        (20, 5, [11, 0, 25, 17, 6, 8, 13]),
+        (2, 1, [31]),
+        (0, 6, [14, 15]),
+    ]
     full_k = [torch.randn(c + n, HKV, D, generator=gen) for c, n, _ in seqs]
     full_v = [torch.randn(c + n, HKV, D, generator=gen) for c, n, _ in seqs]
     slot = lambda table, p: table[p // BS] * BS + p % BS
