@@ -87,9 +87,9 @@ def _smooth(h: int, w: int, seed: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("mode", ["bicubic", "bilinear", "nearest-exact", "lanczos"])
 def test_resize_matches_torchvision(mode: str) -> None:
-    if mode == "lanczos" and not _has_mode(mode):
-        pytest.skip("this torch has no lanczos interpolation")
     """4-channel channels-last resize == torchvision v2 on the reference 3-channel CHW tensor, bit for bit."""
+    if mode == "lanczos" and not _has_mode(mode):
+        pytest.skip("this torch has no lanczos interpolation")  # torch 2.11 (the GPU machine); 2.14 has it
     from torchvision.transforms.v2 import InterpolationMode
     from torchvision.transforms.v2 import functional as tvF
 
