@@ -1,4 +1,4 @@
-"""The attention seam's reference pieces against a naive loop."""
+"""The attention seam's reference pieces against a naive loop, and the decoder norm against its formula."""
 
 from __future__ import annotations
 
@@ -34,3 +34,14 @@ def test_dense_causal_attention_keeps_sequences_apart():
     out = DenseCausalAttention([4, 5])(0, q, k, v)
     torch.testing.assert_close(out[:4], naive(q[:4], k[:4], v[:4], 0))
     torch.testing.assert_close(out[4:], naive(q[4:], k[4:], v[4:], 0))
+
+
+def test_rms_norm_is_transformers_formula():
+    from models.llama import RMSNorm
+
+    norm = RMSNorm(64, eps=1e-5)
+    torch.nn.init.normal_(norm.weight)
+    x = torch.randn(7, 64, generator=torch.Generator().manual_seed(1))
+    xf = x.float()
+    want = norm.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(x.dtype)
+    assert torch.equal(norm(x), want)
