@@ -171,15 +171,7 @@ async def collect(
         CompletionChoice(text="".join(texts[i]), index=i, logprobs=logprobs[i], finish_reason=finish[i])
         for i in range(total)
     ]
-    return CompletionResponse(
-        id=meta.id,
-        object="text_completion",
-        created=meta.created,
-        model=meta.model,
-        system_fingerprint=SYSTEM_FINGERPRINT,
-        choices=choices,
-        usage=usage.usage(),
-    )
+    return meta.chunk(choices, usage=usage.usage())  # the full response has the chunk's shape
 
 
 def _extend(acc: CompletionLogprobs | None, part: CompletionLogprobs) -> CompletionLogprobs:
