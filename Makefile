@@ -15,17 +15,11 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-# llama-models ships the real Llama 3 tokenizer file (the demo model and the tests use it), but its wheel also
-# holds a top-level package named `models` that would shadow ours: it goes to a folder outside the import path.
-$(VENV)/llama-models/.installed: requirements/constraints.txt | $(BIN)/python
-	$(BIN)/python -m pip install -q --no-deps -c requirements/constraints.txt --target $(VENV)/llama-models llama-models
-	touch $@
-
-$(VENV)/.installed-runtime: pyproject.toml requirements/constraints.txt $(VENV)/llama-models/.installed
+$(VENV)/.installed-runtime: pyproject.toml requirements/constraints.txt | $(BIN)/python
 	$(BIN)/python -m pip install -q -c requirements/constraints.txt -e .
 	touch $@
 
-$(VENV)/.installed-test: pyproject.toml requirements/constraints.txt $(VENV)/llama-models/.installed
+$(VENV)/.installed-test: pyproject.toml requirements/constraints.txt | $(BIN)/python
 	$(BIN)/python -m pip install -q -c requirements/constraints.txt -e ".[test]"
 	touch $@ $(VENV)/.installed-runtime
 

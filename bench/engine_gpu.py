@@ -9,9 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-
-from engine import EngineConfig, EngineCore, EngineRequest, MMInput, SamplingParams
-from processors import ImageInput, Processor
+from plm_serve.engine import EngineConfig, EngineCore, EngineRequest, MMInput, SamplingParams
+from plm_serve.processors import ImageInput, Processor
 
 
 def _text_prompts(n: int, length: int, seed: int = 0) -> list[list[int]]:

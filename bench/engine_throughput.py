@@ -16,18 +16,20 @@ from __future__ import annotations
 import argparse
 import datetime
 import platform
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import source_tree  # bench/ is first on sys.path when a script here runs
 
-from engine import EngineConfig, EngineCore  # noqa: E402
-from tests import reference  # noqa: E402
-from tests.engine import engine_fixtures as fx  # noqa: E402
+source_tree.ensure_importable()
+
+from plm_serve.engine import EngineConfig, EngineCore
+
+from tests import reference
+from tests.engine import engine_fixtures as fx
 
 
 def build_prompts(processor, n: int) -> list[fx.Prompt]:

@@ -24,7 +24,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import source_tree  # bench/ is first on sys.path when a script here runs
+
+source_tree.ensure_importable()
 
 PEAK_TFLOPS = 790.0
 PEAK_TBPS = 4.3
@@ -58,7 +60,7 @@ def section_models(rows: list[Row], quick: bool) -> None:
 
 
 def section_vision(rows: list[Row], quick: bool) -> None:
-    from models import PLMConfig, build_model
+    from plm_serve.models import PLMConfig, build_model
 
     for preset, tflop_per_tile in (("plm-1b", 0.706), ("plm-8b", 3.910)):
         cfg = PLMConfig.from_preset(preset)
@@ -81,8 +83,8 @@ def section_vision(rows: list[Row], quick: bool) -> None:
 
 
 def _random_checkpoint(preset: str, folder: Path) -> Path:
-    from models import write_random_checkpoint
-    from processors import write_processor_files
+    from plm_serve.models import write_random_checkpoint
+    from plm_serve.processors import write_processor_files
 
     write_random_checkpoint(folder, preset=preset, seed=0, dtype=torch.bfloat16)
     write_processor_files(folder)
@@ -100,7 +102,8 @@ def section_engine(rows: list[Row], quick: bool) -> None:
 
 def section_engine_tiny(rows: list[Row], quick: bool) -> None:
     """The whole engine on CUDA (bf16) on the tiny reference checkpoint: runs, and agrees with transformers."""
-    from engine import EngineConfig, EngineCore
+    from plm_serve.engine import EngineConfig, EngineCore
+
     from tests import reference
     from tests.engine import engine_fixtures as fx
 
@@ -157,9 +160,8 @@ def section_engine_tiny(rows: list[Row], quick: bool) -> None:
 
 def section_profile_decode(rows: list[Row], quick: bool) -> None:
     """Where one engine step's time goes at PLM-1B shapes: 64 running decodes, torch profiler top ops."""
+    from plm_serve.engine import EngineConfig, EngineCore, EngineRequest, SamplingParams
     from torch.profiler import ProfilerActivity, profile
-
-    from engine import EngineConfig, EngineCore, EngineRequest, SamplingParams
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = _random_checkpoint("plm-1b", Path(tmp) / "plm-1b-random")

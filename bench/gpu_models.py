@@ -23,10 +23,11 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # `python bench/gpu_models.py` puts bench/ first on the path, not the repo
-    sys.path.insert(0, str(REPO))
+import source_tree  # bench/ is first on sys.path when a script here runs
 
-from models import DenseCausalAttention, PerceptionLM, PLMConfig, build_model, load_model  # noqa: E402
+source_tree.ensure_importable()
+
+from plm_serve.models import DenseCausalAttention, PerceptionLM, PLMConfig, build_model, load_model
 
 REL_TOL = 1e-2
 IMAGE, VIDEO, BOS = 128002, 128003, 128000

@@ -34,11 +34,13 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import source_tree  # bench/ is first on sys.path when a script here runs
 
-from processors.image_decode import decode_image, probe_image  # noqa: E402
-from processors.limits import MediaLimits  # noqa: E402
-from processors.tiling import select_grid, tile_image  # noqa: E402
+source_tree.ensure_importable()
+
+from plm_serve.processors.image_decode import decode_image, probe_image
+from plm_serve.processors.limits import MediaLimits
+from plm_serve.processors.tiling import select_grid, tile_image
 
 Row = tuple[str, float, str]  # (system, ms per photo, note)
 
@@ -169,7 +171,7 @@ def cpu_rows(data: bytes, max_num_tiles: int, rounds: int, iters: int) -> tuple[
 def chat_row(data: bytes, max_num_tiles: int, rounds: int, iters: int) -> Row | None:
     """Our whole chat path for one image + text: parse, probe, count, template, tokenize, hash, pixels."""
     try:
-        from processors import ImageInput, Processor, write_processor_files
+        from plm_serve.processors import ImageInput, Processor, write_processor_files
 
         folder = write_processor_files(tempfile.mkdtemp(prefix="plm-bench-"), max_num_tiles=max_num_tiles)
     except Exception as e:  # llama-models (the tokenizer source) may be missing on a bare GPU machine

@@ -17,18 +17,18 @@ import argparse
 import datetime
 import platform
 import random
-import sys
 import time
 from pathlib import Path
 
+import source_tree  # bench/ is first on sys.path when a script here runs
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+source_tree.ensure_importable()
 
-from engine.config import EngineConfig
-from engine.request import EngineRequest, SamplingParams
-from engine.sampler import SamplingBatch
-from engine.scheduler import Scheduler
+from plm_serve.engine.config import EngineConfig
+from plm_serve.engine.request import EngineRequest, SamplingParams
+from plm_serve.engine.sampler import SamplingBatch
+from plm_serve.engine.scheduler import Scheduler
 
 VOCAB = 128256
 EOS = {128001, 128009}

@@ -3,7 +3,7 @@
     python bench/soak.py                       # the built-in demo model, 60 s, 16 concurrent clients
     python bench/soak.py --model PATH --seconds 600 --clients 64
 
-Starts `python -m server` on 127.0.0.1 (a free port), then runs `--clients` loops for `--seconds`, each picking
+Starts `python -m plm_serve.server` on 127.0.0.1 (a free port), then runs `--clients` loops for `--seconds`, each picking
 one of: text chat (streamed or not), chat with a data-URL image (full or `detail: "low"`), a stream that the
 client abandons after the first chunk, a request with a bad parameter, and an over-long prompt. Afterwards it
 checks: every response had the expected status (no 5xx), /health is 200, no request is still running or waiting,
@@ -119,7 +119,7 @@ class Soak:
 
 
 def start_server(args: argparse.Namespace, port: int) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "server", "--port", str(port), "--max-num-seqs", "32"]
+    cmd = [sys.executable, "-m", "plm_serve.server", "--port", str(port), "--max-num-seqs", "32"]
     if args.model:
         cmd += ["--model", args.model]
     return subprocess.Popen(

@@ -1,11 +1,18 @@
 """The continuous-batching engine. The server imports only the names below."""
 
-from engine.async_engine import AsyncEngine
-from engine.config import EngineConfig
-from engine.core import EngineCore, EngineStats
-from engine.demo import write_demo_model
-from engine.errors import EngineDeadError, EngineError, EngineOverloadedError, RequestRejectedError
-from engine.request import EngineRequest, FinishReason, MMInput, SamplingParams, StepOutput, TokenLogprob
+from plm_serve.engine.async_engine import AsyncEngine
+from plm_serve.engine.config import EngineConfig
+from plm_serve.engine.core import EngineCore, EngineStats
+from plm_serve.engine.demo import write_demo_model
+from plm_serve.engine.errors import EngineDeadError, EngineError, EngineOverloadedError, RequestRejectedError
+from plm_serve.engine.request import (
+    EngineRequest,
+    FinishReason,
+    MMInput,
+    SamplingParams,
+    StepOutput,
+    TokenLogprob,
+)
 
 __all__ = [
     "AsyncEngine",

@@ -17,10 +17,10 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from engine.config import EngineConfig
-from engine.core import EngineCore, EngineStats
-from engine.errors import EngineDeadError, EngineOverloadedError
-from engine.request import EngineRequest, StepOutput
+from plm_serve.engine.config import EngineConfig
+from plm_serve.engine.core import EngineCore, EngineStats
+from plm_serve.engine.errors import EngineDeadError, EngineOverloadedError
+from plm_serve.engine.request import EngineRequest, StepOutput
 
 logger = logging.getLogger(__name__)
 

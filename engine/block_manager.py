@@ -30,7 +30,7 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Iterable
 
-from engine.sequence import Sequence
+from plm_serve.engine.sequence import Sequence
 
 _ROOT_HASH = b"plm-serve/kv-block/v1"
 

@@ -12,15 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from plm_serve.engine.config import EngineConfig
+from plm_serve.engine.detokenizer import IncrementalDetokenizer
+from plm_serve.engine.model_runner import ModelRunner, RunnerOutput, to_token_logprob
+from plm_serve.engine.request import EngineRequest, FinishReason, StepOutput
+from plm_serve.engine.scheduler import Scheduler, SchedulerOutput
+from plm_serve.engine.sequence import Sequence
+from plm_serve.models import PLMConfig, load_model
 from tokenizers import Tokenizer
-
-from engine.config import EngineConfig
-from engine.detokenizer import IncrementalDetokenizer
-from engine.model_runner import ModelRunner, RunnerOutput, to_token_logprob
-from engine.request import EngineRequest, FinishReason, StepOutput
-from engine.scheduler import Scheduler, SchedulerOutput
-from engine.sequence import Sequence
-from models import PLMConfig, load_model
 
 logger = logging.getLogger(__name__)
 

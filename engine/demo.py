@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from models import write_random_checkpoint
+from plm_serve.models import write_random_checkpoint
 
 
 def write_demo_model(folder: str | Path, seed: int = 0) -> None:

@@ -23,7 +23,7 @@ from collections import OrderedDict
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
-from engine.request import MMInput
+from plm_serve.engine.request import MMInput
 
 
 @dataclass(slots=True)

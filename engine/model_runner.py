@@ -15,13 +15,12 @@ import logging
 from dataclasses import dataclass
 
 import torch
-
-from engine.attention import AttentionMetadata, KVCache, TorchPagedAttention
-from engine.config import EngineConfig
-from engine.request import MMInput, TokenLogprob
-from engine.sampler import Sampler, SamplingBatch
-from engine.scheduler import ScheduledChunk, SchedulerOutput
-from models import PerceptionLM
+from plm_serve.engine.attention import AttentionMetadata, KVCache, TorchPagedAttention
+from plm_serve.engine.config import EngineConfig
+from plm_serve.engine.request import MMInput, TokenLogprob
+from plm_serve.engine.sampler import Sampler, SamplingBatch
+from plm_serve.engine.scheduler import ScheduledChunk, SchedulerOutput
+from plm_serve.models import PerceptionLM
 
 logger = logging.getLogger(__name__)
 
@@ -224,7 +223,7 @@ class _NoCacheAttention:
         self.num_tokens = num_tokens
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        from models.attention import causal_sdpa
+        from plm_serve.models.attention import causal_sdpa
 
         return causal_sdpa(q, k, v)
 

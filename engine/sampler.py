@@ -29,8 +29,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
-
-from engine.sequence import Sequence
+from plm_serve.engine.sequence import Sequence
 
 RowLogprobs = tuple[float, list[tuple[int, float]]]  # (sampled token's logprob, top alternatives)
 _TINY = torch.finfo(torch.float32).tiny

@@ -41,13 +41,13 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from engine.block_manager import BlockManager
-from engine.config import EngineConfig
-from engine.encoder_cache import EncoderBudget, EncoderCache, MediaPlan, plan_media
-from engine.errors import EngineOverloadedError, RequestRejectedError
-from engine.request import EngineRequest, FinishReason, MMInput
-from engine.sequence import Sequence, SequenceStatus
-from engine.stats import SchedulerStats
+from plm_serve.engine.block_manager import BlockManager
+from plm_serve.engine.config import EngineConfig
+from plm_serve.engine.encoder_cache import EncoderBudget, EncoderCache, MediaPlan, plan_media
+from plm_serve.engine.errors import EngineOverloadedError, RequestRejectedError
+from plm_serve.engine.request import EngineRequest, FinishReason, MMInput
+from plm_serve.engine.sequence import Sequence, SequenceStatus
+from plm_serve.engine.stats import SchedulerStats
 
 _RUNNING = SequenceStatus.RUNNING
 

@@ -21,8 +21,7 @@ import enum
 from dataclasses import dataclass, field
 
 import torch
-
-from engine.request import FinishReason, MMInput, SamplingParams
+from plm_serve.engine.request import FinishReason, MMInput, SamplingParams
 
 
 class SequenceStatus(enum.Enum):

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from plm_serve import configs
+
 # timm defaults of the two PE towers PLM ships, for whatever `model_args` does not override
 # (timm/models/eva.py `vit_pe_core_large_patch14_336`, `vit_pe_core_gigantic_patch14_448`). PLM-1B/3B use the
 # first (CLS token, RoPE grid offset 1), PLM-8B the second (no CLS, offset 0); both are truncated by `depth`.
@@ -56,8 +58,6 @@ _VISION_IGNORED = {
     "num_classes", "drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "attn_drop_rate",
     "drop_path_rate", "pretrained_cfg", "pretrained_cfg_overlay",
 }  # fmt: skip
-
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"
 
 
 def _pair(v: int | list[int] | tuple[int, ...]) -> tuple[int, int]:
@@ -346,7 +346,7 @@ class PLMConfig:
 
     @classmethod
     def from_preset(cls, name: str | Path) -> PLMConfig:
-        """`configs/models/<name>.json` of this repository (e.g. "plm-8b", "tiny-demo"), or a config path."""
+        """A shipped model shape (`plm_serve.configs`, `models/<name>.json`) (e.g. "plm-8b", "tiny-demo"), or a config path."""
         return cls.from_dict(load_preset_dict(name))
 
 
@@ -355,9 +355,10 @@ def load_preset_dict(name: str | Path) -> dict[str, Any]:
     p = Path(name)
     if p.is_dir():
         p = p / "config.json"
-    if not p.is_file():
-        p = PRESETS_DIR / f"{name}.json"
-    if not p.is_file():
-        known = sorted(f.stem for f in PRESETS_DIR.glob("*.json"))
+    if p.is_file():
+        return json.loads(p.read_text())
+    shipped = configs.model_preset(str(name))
+    if shipped is None:
+        known = configs.model_preset_names()
         raise FileNotFoundError(f"no model preset {str(name)!r}; known presets: {known}")
-    return json.loads(p.read_text())
+    return json.loads(shipped.read_text())

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from plm_serve.models.attention import Attention
+from plm_serve.models.config import TextConfig
+from plm_serve.models.rope import LlamaRotaryEmbedding, apply_rotate_half
 from torch import nn
-
-from models.attention import Attention
-from models.config import TextConfig
-from models.rope import LlamaRotaryEmbedding, apply_rotate_half
 
 
 class RMSNorm(nn.Module):

@@ -17,13 +17,12 @@ transformers model.
 from __future__ import annotations
 
 import torch
+from plm_serve.models.attention import Attention, DenseCausalAttention
+from plm_serve.models.config import PLMConfig
+from plm_serve.models.llama import LlamaModel
+from plm_serve.models.projector import MultiModalProjector
+from plm_serve.models.vision import PerceptionEncoder
 from torch import nn
-
-from models.attention import Attention, DenseCausalAttention
-from models.config import PLMConfig
-from models.llama import LlamaModel
-from models.projector import MultiModalProjector
-from models.vision import PerceptionEncoder
 
 
 class PerceptionLMModel(nn.Module):

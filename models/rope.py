@@ -13,9 +13,8 @@ from __future__ import annotations
 import math
 
 import torch
+from plm_serve.models.config import RopeScaling, TextConfig, VisionConfig
 from torch import nn
-
-from models.config import RopeScaling, TextConfig, VisionConfig
 
 
 def rotate_interleaved(x: torch.Tensor) -> torch.Tensor:

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from plm_serve.models.config import VisionConfig
+from plm_serve.models.rope import VisionRope2D
 from torch import nn
-
-from models.config import VisionConfig
-from models.rope import VisionRope2D
 
 
 class PatchEmbed(nn.Module):

@@ -1,5 +1,5 @@
 """Offline batch inference, like vLLM's `LLM`: no server, no event loop."""
 
-from offline.llm import LLM, CompletionOutput, RequestOutput
+from plm_serve.offline.llm import LLM, CompletionOutput, RequestOutput
 
 __all__ = ["LLM", "CompletionOutput", "RequestOutput"]

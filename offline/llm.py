@@ -11,8 +11,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine import EngineConfig, EngineCore, EngineRequest, MMInput, SamplingParams, StepOutput, TokenLogprob
-from processors import ImageInput, ProcessedPrompt, Processor, VideoInput
+from plm_serve.engine import (
+    EngineConfig,
+    EngineCore,
+    EngineRequest,
+    MMInput,
+    SamplingParams,
+    StepOutput,
+    TokenLogprob,
+)
+from plm_serve.processors import ImageInput, ProcessedPrompt, Processor, VideoInput
 
 
 @dataclass

@@ -4,9 +4,9 @@ A leaf package: it never imports `engine`, `models` or `server`. Pixels leave it
 normalizes.
 """
 
-from processors.assets import write_processor_files
-from processors.content import ImageInput, VideoInput
-from processors.errors import (
+from plm_serve.processors.assets import write_processor_files
+from plm_serve.processors.content import ImageInput, VideoInput
+from plm_serve.processors.errors import (
     CheckpointConfigError,
     InvalidContentError,
     MediaDecodeError,
@@ -14,8 +14,8 @@ from processors.errors import (
     ProcessorError,
     PromptTooLongError,
 )
-from processors.limits import MediaLimits
-from processors.processor import ProcessedMedia, ProcessedPrompt, Processor
+from plm_serve.processors.limits import MediaLimits
+from plm_serve.processors.processor import ProcessedMedia, ProcessedPrompt, Processor
 
 __all__ = [
     "CheckpointConfigError",

@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from processors.chat_template import PLM_TEMPLATE_FILE
-from processors.tiktoken_convert import convert_llama3_tokenizer
+from plm_serve.processors.chat_template import PLM_TEMPLATE_FILE
+from plm_serve.processors.tiktoken_convert import convert_llama3_tokenizer
 
 TOKENIZER_CONFIG: dict[str, Any] = {
     "backend": "tokenizers",

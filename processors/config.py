@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from processors.errors import CheckpointConfigError
+from plm_serve.processors.errors import CheckpointConfigError
 
 # PIL resample codes -> torch interpolate modes, as in transformers' `pil_torch_interpolation_mapping`
 # (NEAREST is torchvision's NEAREST_EXACT). BOX (4) and HAMMING (5) have no torch kernel; transformers

@@ -18,9 +18,8 @@ from dataclasses import dataclass
 
 import torch
 from PIL import Image
-
-from processors.errors import MediaDecodeError, MediaTooLargeError
-from processors.limits import MediaLimits
+from plm_serve.processors.errors import MediaDecodeError, MediaTooLargeError
+from plm_serve.processors.limits import MediaLimits
 
 # Only these PIL plugins may open request bytes: the common web formats (the JPEG plugin also opens MPO, which
 # many phones write). A short list keeps rarely used, historically fragile decoders (and Ghostscript for EPS)

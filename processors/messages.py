@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from processors.content import ImageInput, VideoInput
-from processors.errors import InvalidContentError
+from plm_serve.processors.content import ImageInput, VideoInput
+from plm_serve.processors.errors import InvalidContentError
 
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 

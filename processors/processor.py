@@ -18,18 +18,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from plm_serve.processors.chat_template import ChatTemplate, load_chat_template
+from plm_serve.processors.config import ProcessorSettings, load_processor_settings
+from plm_serve.processors.content import DETAIL_VALUES, ImageInput, VideoInput
+from plm_serve.processors.errors import (
+    InvalidContentError,
+    MediaTooLargeError,
+    ProcessorError,
+    PromptTooLongError,
+)
+from plm_serve.processors.image_decode import ProbedImage, decode_image, probe_image
+from plm_serve.processors.limits import MediaLimits
+from plm_serve.processors.messages import MediaPart, parse_messages
+from plm_serve.processors.tiling import Grid, select_grid, tile_image
+from plm_serve.processors.tokenizer import TokenizerConfig, load_tokenizer, load_tokenizer_config, token_id
+from plm_serve.processors.video import ProbedVideo, count_frames, decode_frames, frame_targets, probe_video
 from tokenizers import Tokenizer
-
-from processors.chat_template import ChatTemplate, load_chat_template
-from processors.config import ProcessorSettings, load_processor_settings
-from processors.content import DETAIL_VALUES, ImageInput, VideoInput
-from processors.errors import InvalidContentError, MediaTooLargeError, ProcessorError, PromptTooLongError
-from processors.image_decode import ProbedImage, decode_image, probe_image
-from processors.limits import MediaLimits
-from processors.messages import MediaPart, parse_messages
-from processors.tiling import Grid, select_grid, tile_image
-from processors.tokenizer import TokenizerConfig, load_tokenizer, load_tokenizer_config, token_id
-from processors.video import ProbedVideo, count_frames, decode_frames, frame_targets, probe_video
 
 
 @dataclass(slots=True)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import importlib.util
-import sys
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
@@ -132,28 +131,16 @@ def plm_special_tokens() -> list[str]:
     return [named.get(i, f"<|reserved_special_token_{i - 5}|>") for i in range(256)]
 
 
-# `make` installs llama-models here, outside sys.path: its wheel also ships a top-level package named `models`,
-# which would shadow this project's `models` package if it were importable.
-LLAMA_MODELS_TARGET = Path(sys.prefix) / "llama-models"
-_TIKTOKEN_IN_PACKAGE = Path("llama_models") / "llama3" / "tokenizer.model"
-
-
 def llama3_tiktoken_file() -> Path:
-    """The Llama 3 tiktoken file shipped inside the `llama-models` package (never imported, only read).
-
-    Looked for where `make` puts the package (`<venv>/llama-models/`), then wherever an installed `llama_models`
-    lives (found without importing it).
-    """
-    candidates = [LLAMA_MODELS_TARGET / _TIKTOKEN_IN_PACKAGE]
+    """The Llama 3 tiktoken file shipped inside the `llama-models` package (a dependency; located, not imported)."""
     spec = importlib.util.find_spec("llama_models")
     if spec is not None and spec.origin:
-        candidates.append(Path(spec.origin).parent.parent / _TIKTOKEN_IN_PACKAGE)
-    for path in candidates:
+        path = Path(spec.origin).parent / "llama3" / "tokenizer.model"
         if path.is_file():
             return path
     raise FileNotFoundError(
-        "the Llama 3 tokenizer file was not found: install the llama-models package outside the import path with "
-        f"`pip install --no-deps --target {LLAMA_MODELS_TARGET} llama-models` (make serve/test do this)"
+        "the Llama 3 tokenizer file was not found: the llama-models package (a dependency of plm-serve) is "
+        "missing; `pip install llama-models`"
     )
 
 

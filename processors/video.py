@@ -23,12 +23,11 @@ from fractions import Fraction
 from typing import TYPE_CHECKING
 
 import torch
-
-from processors.config import VideoSettings
-from processors.errors import InvalidContentError, MediaDecodeError, MediaTooLargeError
-from processors.image_decode import _reason
-from processors.limits import MediaLimits
-from processors.tiling import resize_frame
+from plm_serve.processors.config import VideoSettings
+from plm_serve.processors.errors import InvalidContentError, MediaDecodeError, MediaTooLargeError
+from plm_serve.processors.image_decode import _reason
+from plm_serve.processors.limits import MediaLimits
+from plm_serve.processors.tiling import resize_frame
 
 if TYPE_CHECKING:
     import av

@@ -1,4 +1,4 @@
-"""`plm-serve` / `python -m server`: parse flags over an optional YAML preset, build the configs, run uvicorn.
+"""`plm-serve` / `python -m plm_serve.server`: parse flags over an optional YAML preset, build the configs, run uvicorn.
 
 This is the only module that reads the environment (`PLM_API_KEY`, and the cache location of the demo model).
 Settings resolve in this order, last wins: EngineConfig/ServerConfig defaults, `--config` preset, CLI flags.
@@ -18,14 +18,14 @@ from typing import Any
 
 import uvicorn
 import yaml
+from plm_serve import configs
+from plm_serve.engine import EngineConfig
+from plm_serve.server.app import create_app, drain
+from plm_serve.server.config import ServerConfig, server_field_names
+from plm_serve.server.demo import ensure_demo_checkpoint
+from plm_serve.server.version import VERSION
 
-from engine import EngineConfig
-from server.app import create_app, drain
-from server.config import ServerConfig, server_field_names
-from server.demo import ensure_demo_checkpoint
-from server.version import VERSION
-
-logger = logging.getLogger("server")
+logger = logging.getLogger("plm_serve.server")
 
 # (flag, argparse kwargs). Every default is None: only flags given on the command line override the preset.
 ENGINE_FLAGS: list[tuple[str, dict[str, Any]]] = [
@@ -84,7 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--model", help="checkpoint folder; without it a tiny random-weight demo model is served"
     )
-    parser.add_argument("--config", help="YAML preset (configs/*.yaml); flags given here override it")
+    parser.add_argument(
+        "--config",
+        help="serving preset: a YAML file, or a shipped name (plm-1b, plm-3b, plm-8b, tiny-random); flags given here override it",
+    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     engine = parser.add_argument_group("engine")
     for flag, kwargs in ENGINE_FLAGS:
@@ -99,8 +102,7 @@ def load_preset(path: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
     """(engine settings, server settings) of a YAML preset: flat keys, or `engine:` / `server:` sections."""
     if path is None:
         return {}, {}
-    with open(path, encoding="utf-8") as f:
-        data = yaml.safe_load(f) or {}
+    data = yaml.safe_load(_read_preset(path)) or {}
     if not isinstance(data, dict):
         raise SystemExit(f"{path}: expected a YAML mapping of settings")
     engine_keys = {f.name for f in dataclasses.fields(EngineConfig)}
@@ -114,6 +116,19 @@ def load_preset(path: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
         if key not in engine_keys | server_keys:
             raise SystemExit(f"{path}: unknown setting {key!r}")
     return engine_part, server_part
+
+
+def _read_preset(name_or_path: str) -> str:
+    """The text of a preset: a YAML file, or the name of one shipped in `plm_serve.configs`."""
+    if Path(name_or_path).is_file():
+        return Path(name_or_path).read_text(encoding="utf-8")
+    shipped = configs.serving_preset(name_or_path)
+    if shipped is None:
+        raise SystemExit(
+            f"plm-serve: --config {name_or_path}: no such file, and no shipped preset of that name "
+            f"(shipped: {', '.join(configs.serving_preset_names())})"
+        )
+    return shipped.read_text(encoding="utf-8")
 
 
 def build_configs(args: argparse.Namespace, environ: dict[str, str]) -> ServerConfig:

@@ -14,17 +14,16 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
-
-from engine import AsyncEngine
-from processors import MediaLimits, Processor
-from server.config import ServerConfig
-from server.deps import ServerContext
-from server.errors import install_exception_handlers
-from server.media_fetch import MediaFetcher
-from server.metrics import ServerMetrics
-from server.middleware import ApiKeyAuth, BodySizeLimit, RequestCounter, RequestId
-from server.routes import router
-from server.version import VERSION
+from plm_serve.engine import AsyncEngine
+from plm_serve.processors import MediaLimits, Processor
+from plm_serve.server.config import ServerConfig
+from plm_serve.server.deps import ServerContext
+from plm_serve.server.errors import install_exception_handlers
+from plm_serve.server.media_fetch import MediaFetcher
+from plm_serve.server.metrics import ServerMetrics
+from plm_serve.server.middleware import ApiKeyAuth, BodySizeLimit, RequestCounter, RequestId
+from plm_serve.server.routes import router
+from plm_serve.server.version import VERSION
 
 logger = logging.getLogger(__name__)
 

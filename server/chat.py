@@ -19,15 +19,14 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
-
-from engine import AsyncEngine, EngineRequest, MMInput, SamplingParams, StepOutput
-from processors import ImageInput, ProcessedPrompt, VideoInput
-from server import sse
-from server.deps import ServerContext
-from server.errors import APIError, bad_request
-from server.logprobs import TokenBytes, chat_logprobs
-from server.metrics import RequestRecorder
-from server.protocol import (
+from plm_serve.engine import AsyncEngine, EngineRequest, MMInput, SamplingParams, StepOutput
+from plm_serve.processors import ImageInput, ProcessedPrompt, VideoInput
+from plm_serve.server import sse
+from plm_serve.server.deps import ServerContext
+from plm_serve.server.errors import APIError, bad_request
+from plm_serve.server.logprobs import TokenBytes, chat_logprobs
+from plm_serve.server.metrics import RequestRecorder
+from plm_serve.server.protocol import (
     AssistantMessage,
     ChatChunkChoice,
     ChatCompletionChoice,
@@ -41,8 +40,14 @@ from server.protocol import (
     TextPart,
     VideoURLPart,
 )
-from server.runner import UsageCounter, cancel_on_disconnect, error_body, failure_of, open_generation
-from server.sse import SSEResponse
+from plm_serve.server.runner import (
+    UsageCounter,
+    cancel_on_disconnect,
+    error_body,
+    failure_of,
+    open_generation,
+)
+from plm_serve.server.sse import SSEResponse
 
 SYSTEM_FINGERPRINT = "plm-serve"
 

@@ -14,18 +14,29 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
-
-from engine import AsyncEngine, EngineRequest, StepOutput
-from processors import ProcessedPrompt
-from server import sse
-from server.chat import SYSTEM_FINGERPRINT, engine_request, max_prompt_tokens
-from server.deps import ServerContext
-from server.errors import bad_request
-from server.logprobs import completion_logprobs
-from server.metrics import RequestRecorder
-from server.protocol import CompletionChoice, CompletionLogprobs, CompletionRequest, CompletionResponse
-from server.runner import UsageCounter, cancel_on_disconnect, error_body, failure_of, merge, open_all
-from server.sse import SSEResponse
+from plm_serve.engine import AsyncEngine, EngineRequest, StepOutput
+from plm_serve.processors import ProcessedPrompt
+from plm_serve.server import sse
+from plm_serve.server.chat import SYSTEM_FINGERPRINT, engine_request, max_prompt_tokens
+from plm_serve.server.deps import ServerContext
+from plm_serve.server.errors import bad_request
+from plm_serve.server.logprobs import completion_logprobs
+from plm_serve.server.metrics import RequestRecorder
+from plm_serve.server.protocol import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionResponse,
+)
+from plm_serve.server.runner import (
+    UsageCounter,
+    cancel_on_disconnect,
+    error_body,
+    failure_of,
+    merge,
+    open_all,
+)
+from plm_serve.server.sse import SSEResponse
 
 
 async def create_completion(

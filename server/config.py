@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from engine import EngineConfig
+    from plm_serve.engine import EngineConfig
 
 MiB = 1024 * 1024
 

@@ -11,8 +11,8 @@ import os
 import shutil
 from pathlib import Path
 
-from engine import write_demo_model
-from processors import write_processor_files
+from plm_serve.engine import write_demo_model
+from plm_serve.processors import write_processor_files
 
 logger = logging.getLogger(__name__)
 

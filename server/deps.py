@@ -12,14 +12,13 @@ from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
-
-from engine import AsyncEngine
-from processors import Processor
-from server.config import ServerConfig
-from server.errors import APIError, service_unavailable
-from server.logprobs import TokenBytes
-from server.media_fetch import MediaFetcher
-from server.metrics import ServerMetrics
+from plm_serve.engine import AsyncEngine
+from plm_serve.processors import Processor
+from plm_serve.server.config import ServerConfig
+from plm_serve.server.errors import APIError, service_unavailable
+from plm_serve.server.logprobs import TokenBytes
+from plm_serve.server.media_fetch import MediaFetcher
+from plm_serve.server.metrics import ServerMetrics
 
 
 @dataclass

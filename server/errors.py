@@ -25,10 +25,9 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from plm_serve.engine import EngineDeadError, EngineOverloadedError, RequestRejectedError
+from plm_serve.processors import MediaTooLargeError, ProcessorError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-
-from engine import EngineDeadError, EngineOverloadedError, RequestRejectedError
-from processors import MediaTooLargeError, ProcessorError
 
 logger = logging.getLogger(__name__)
 

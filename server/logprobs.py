@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from server.protocol import CompletionLogprobs, TokenLogprobOut, TopLogprob
+from plm_serve.server.protocol import CompletionLogprobs, TokenLogprobOut, TopLogprob
 
 if TYPE_CHECKING:
-    from engine import TokenLogprob
+    from plm_serve.engine import TokenLogprob
 
 
 def _byte_decoder() -> dict[str, int]:

@@ -25,9 +25,8 @@ from urllib.parse import unquote, unquote_to_bytes, urlsplit
 
 import anyio
 import httpx
-
-from server.config import ServerConfig
-from server.errors import APIError, bad_request
+from plm_serve.server.config import ServerConfig
+from plm_serve.server.errors import APIError, bad_request
 
 # host, port -> resolved IP addresses (injectable so tests can map names without DNS)
 Resolver = Callable[[str, int], Awaitable[list[str]]]

@@ -11,10 +11,9 @@ import hmac
 import re
 import uuid
 
+from plm_serve.server.errors import APIError
+from plm_serve.server.metrics import ServerMetrics
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from server.errors import APIError
-from server.metrics import ServerMetrics
 
 COUNTED_ROUTES = frozenset(
     {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/version"}

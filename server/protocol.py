@@ -12,10 +12,9 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
+from plm_serve.engine import SamplingParams
+from plm_serve.server.errors import bad_request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-
-from engine import SamplingParams
-from server.errors import bad_request
 
 logger = logging.getLogger(__name__)
 

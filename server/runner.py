@@ -16,12 +16,11 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 import anyio
+from plm_serve.engine import AsyncEngine, EngineError, EngineRequest, FinishReason, StepOutput
+from plm_serve.server.errors import APIError, ClientDisconnected, from_exception, service_unavailable
+from plm_serve.server.metrics import RequestRecorder
+from plm_serve.server.protocol import PromptTokensDetails, Usage
 from starlette.requests import Request
-
-from engine import AsyncEngine, EngineError, EngineRequest, FinishReason, StepOutput
-from server.errors import APIError, ClientDisconnected, from_exception, service_unavailable
-from server.metrics import RequestRecorder
-from server.protocol import PromptTokensDetails, Usage
 
 T = TypeVar("T")
 

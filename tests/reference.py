@@ -83,7 +83,7 @@ def cache_root() -> Path:
 
 
 def llama3_tiktoken_file() -> Path:
-    from processors.tiktoken_convert import llama3_tiktoken_file as locate
+    from plm_serve.processors.tiktoken_convert import llama3_tiktoken_file as locate
 
     return locate()
 

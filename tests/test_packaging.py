@@ -1,7 +1,7 @@
-"""The installed project resolves to this checkout's packages from any working directory.
+"""What pip installs is one package, `plm_serve`, resolving to this checkout from any working directory.
 
-Guards against the llama-models wheel, which also ships a top-level package named `models`: installed into the
-same environment it would shadow ours for the `plm-serve` console script (make installs it outside sys.path).
+A research checkout or another wheel with a top-level `models` / `server` / `engine` package (llama-models ships
+a `models` package, and it is one of our dependencies) must not shadow ours.
 """
 
 from __future__ import annotations
@@ -15,19 +15,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_packages_resolve_to_this_checkout_outside_the_repo(tmp_path):
+    # A decoy top-level `models` package first on the path, as another project would put it there.
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "__init__.py").write_text("raise ImportError('decoy models package imported')\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    code = "import models, engine, server, processors, offline; print(models.__file__); models.PerceptionLM"
+    code = (
+        "import plm_serve.models as m, plm_serve.server, plm_serve.engine, plm_serve.processors, "
+        "plm_serve.offline, plm_serve.configs; print(m.__file__); m.PerceptionLM"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert Path(out.stdout.strip()).resolve() == ROOT / "models" / "__init__.py"
 
 
-def test_the_llama3_tokenizer_file_is_found_without_importing_llama_models():
-    from processors.tiktoken_convert import llama3_tiktoken_file
+def test_the_llama3_tokenizer_file_is_found_in_the_llama_models_package():
+    from plm_serve.processors.tiktoken_convert import llama3_tiktoken_file
 
     path = llama3_tiktoken_file()
     assert path.is_file() and path.stat().st_size > 1_000_000
-    assert (
-        "models" not in sys.modules
-        or Path(sys.modules["models"].__file__).resolve().parent == ROOT / "models"
-    )
+    assert path.parent.parent.name == "llama_models"

@@ -1,7 +1,7 @@
 """Paged-KV attention backends. Each implements `models.attention.Attention` for one engine step."""
 
-from engine.attention.kv_cache import KVCache
-from engine.attention.metadata import AttentionMetadata
-from engine.attention.torch_paged import TorchPagedAttention
+from plm_serve.engine.attention.kv_cache import KVCache
+from plm_serve.engine.attention.metadata import AttentionMetadata
+from plm_serve.engine.attention.torch_paged import TorchPagedAttention
 
 __all__ = ["AttentionMetadata", "KVCache", "TorchPagedAttention"]

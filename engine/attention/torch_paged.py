@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-from engine.attention.kv_cache import KVCache
-from engine.attention.metadata import AttentionMetadata
-from models.attention import causal_sdpa
+from plm_serve.engine.attention.kv_cache import KVCache
+from plm_serve.engine.attention.metadata import AttentionMetadata
+from plm_serve.models.attention import causal_sdpa
 
 
 def context_slots(block_tables: torch.Tensor, num_positions: int, block_size: int) -> torch.Tensor:

@@ -7,8 +7,7 @@ import threading
 import time
 
 import pytest
-
-from engine import (
+from plm_serve.engine import (
     AsyncEngine,
     EngineConfig,
     EngineCore,
@@ -17,6 +16,7 @@ from engine import (
     FinishReason,
     RequestRejectedError,
 )
+
 from tests import reference
 from tests.engine import engine_fixtures as fx
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from engine.block_manager import BlockManager
-from engine.request import MMInput, SamplingParams
-from engine.sequence import Sequence
+from plm_serve.engine.block_manager import BlockManager
+from plm_serve.engine.request import MMInput, SamplingParams
+from plm_serve.engine.sequence import Sequence
 
 BS = 4  # small blocks keep the expectations readable
 IMG = 128002

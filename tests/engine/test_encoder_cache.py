@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from engine.encoder_cache import EncoderBudget, EncoderCache, plan_media
-from engine.request import MMInput
+from plm_serve.engine.encoder_cache import EncoderBudget, EncoderCache, plan_media
+from plm_serve.engine.request import MMInput
 
 
 def item(h: str, offset: int, length: int, tiles: int = 1) -> MMInput:

@@ -6,10 +6,15 @@ import math
 
 import pytest
 import torch
-
-from engine.request import SamplingParams
-from engine.sampler import Sampler, SamplingBatch, _apply_bias_and_bans, _apply_filters, _apply_penalties
-from engine.sequence import Sequence
+from plm_serve.engine.request import SamplingParams
+from plm_serve.engine.sampler import (
+    Sampler,
+    SamplingBatch,
+    _apply_bias_and_bans,
+    _apply_filters,
+    _apply_penalties,
+)
+from plm_serve.engine.sequence import Sequence
 
 V = 32
 EOS = 3

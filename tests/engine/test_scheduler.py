@@ -12,13 +12,12 @@ import random
 
 import pytest
 import torch
-
-from engine.config import EngineConfig
-from engine.encoder_cache import EncoderCache
-from engine.errors import EngineOverloadedError, RequestRejectedError
-from engine.request import EngineRequest, FinishReason, MMInput, SamplingParams
-from engine.scheduler import Scheduler, SchedulerOutput
-from engine.sequence import Sequence, SequenceStatus
+from plm_serve.engine.config import EngineConfig
+from plm_serve.engine.encoder_cache import EncoderCache
+from plm_serve.engine.errors import EngineOverloadedError, RequestRejectedError
+from plm_serve.engine.request import EngineRequest, FinishReason, MMInput, SamplingParams
+from plm_serve.engine.scheduler import Scheduler, SchedulerOutput
+from plm_serve.engine.sequence import Sequence, SequenceStatus
 
 BS = 4
 EOS = 2

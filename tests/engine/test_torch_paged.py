@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import torch
-
-from engine.attention import AttentionMetadata, KVCache, TorchPagedAttention
-from models.attention import causal_sdpa
+from plm_serve.engine.attention import AttentionMetadata, KVCache, TorchPagedAttention
+from plm_serve.models.attention import causal_sdpa
 
 BS, HQ, HKV, D = 4, 4, 2, 8
 

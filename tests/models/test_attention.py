@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from models.attention import DenseCausalAttention, causal_sdpa
+from plm_serve.models.attention import DenseCausalAttention, causal_sdpa
 
 
 def naive(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_cached: int) -> torch.Tensor:
@@ -37,7 +36,7 @@ def test_dense_causal_attention_keeps_sequences_apart():
 
 
 def test_rms_norm_is_transformers_formula():
-    from models.llama import RMSNorm
+    from plm_serve.models.llama import RMSNorm
 
     norm = RMSNorm(64, eps=1e-5)
     torch.nn.init.normal_(norm.weight)

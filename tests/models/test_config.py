@@ -8,10 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from models import PLMConfig, build_model
-from models.config import PixelConfig, RopeScaling, VisionConfig
-from models.loader import count_parameters
+from plm_serve.models import PLMConfig, build_model
+from plm_serve.models.config import PixelConfig, RopeScaling, VisionConfig
+from plm_serve.models.loader import count_parameters
 
 
 def _to_4x(d: dict) -> dict:

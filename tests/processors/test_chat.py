@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from plm_serve.processors import ImageInput, PromptTooLongError, VideoInput
 
-from processors import ImageInput, PromptTooLongError, VideoInput
 from tests.processors import media
 
 IMG_A = media.jpeg(640, 480, seed=1)
@@ -197,7 +197,7 @@ def test_decode_and_eos(processor) -> None:
 
 
 def test_prompt_too_long_is_raised_before_any_pixel_work(processor, monkeypatch) -> None:
-    import processors.processor as module
+    import plm_serve.processors.processor as module
 
     def boom(*args, **kwargs):
         raise AssertionError("pixels must not be decoded for a rejected prompt")

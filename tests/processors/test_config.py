@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-
-from processors import (
+from plm_serve.processors import (
     CheckpointConfigError,
     ImageInput,
     InvalidContentError,
@@ -19,7 +18,8 @@ from processors import (
     Processor,
     VideoInput,
 )
-from processors.config import ImageSettings, ProcessorSettings, VideoSettings
+from plm_serve.processors.config import ImageSettings, ProcessorSettings, VideoSettings
+
 from tests.processors import media
 from tests.processors.conftest import hf_image_processor
 

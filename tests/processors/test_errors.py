@@ -16,8 +16,7 @@ import av
 import numpy as np
 import pytest
 from PIL import Image
-
-from processors import (
+from plm_serve.processors import (
     ImageInput,
     InvalidContentError,
     MediaDecodeError,
@@ -27,6 +26,7 @@ from processors import (
     ProcessorError,
     VideoInput,
 )
+
 from tests.processors import media
 
 RNG = np.random.default_rng(0)

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from plm_serve.processors.image_decode import decode_image, probe_image
+from plm_serve.processors.limits import MediaLimits
+from plm_serve.processors.tiling import resize_uint8, select_grid, tile_image
 
-from processors.image_decode import decode_image, probe_image
-from processors.limits import MediaLimits
-from processors.tiling import resize_uint8, select_grid, tile_image
 from tests.processors import media
 from tests.processors.conftest import hf_image_processor
 
@@ -190,7 +190,7 @@ def _has_mode(mode: str) -> bool:
 @pytest.mark.parametrize("mode", ["bicubic", "bilinear", "lanczos"])
 def test_planar_canvas_is_bit_identical(mode: str) -> None:
     """Two passes with planar lanes in between, on 1..7 threads == one resize call (up- and downscaling)."""
-    from processors.tiling import _planar_canvas, split_tiles
+    from plm_serve.processors.tiling import _planar_canvas, split_tiles
 
     if not _has_mode(mode):
         pytest.skip(f"this torch has no {mode} interpolation")

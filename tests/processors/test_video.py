@@ -7,10 +7,10 @@ import tempfile
 import numpy as np
 import pytest
 import torch
+from plm_serve.processors import MediaLimits, VideoInput
+from plm_serve.processors.config import VideoSettings
+from plm_serve.processors.video import _decode, count_frames, decode_frames, frame_targets, probe_video
 
-from processors import MediaLimits, VideoInput
-from processors.config import VideoSettings
-from processors.video import _decode, count_frames, decode_frames, frame_targets, probe_video
 from tests.processors import media
 
 LIMITS = MediaLimits()
@@ -185,7 +185,7 @@ def test_rgba_conversion_equals_rgb24(pix_fmt: str) -> None:
 
 def test_long_videos_decode_only_near_the_samples(monkeypatch) -> None:
     """With a seek index, decoding jumps to the keyframe before each sample instead of decoding everything."""
-    import processors.video as module
+    import plm_serve.processors.video as module
 
     decoded = 0
     original = module._frames

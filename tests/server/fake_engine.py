@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from engine import (
+from plm_serve.engine import (
     EngineDeadError,
     EngineOverloadedError,
     EngineRequest,

@@ -135,7 +135,7 @@ def test_image_data_url_becomes_mm_input_with_exact_token_count(client, fake, pr
         mm.length == 5 * 256
         and request.prompt_token_ids[mm.offset : mm.offset + mm.length] == [128002] * 1280
     )
-    from processors import ImageInput
+    from plm_serve.processors import ImageInput
 
     expected = processor.process_chat(
         [{"role": "user", "content": [ImageInput(png), {"type": "text", "text": "Describe it."}]}]
@@ -245,7 +245,7 @@ def test_models_version_health_metrics(client):
 
 
 def test_token_bytes_cover_partial_utf8(processor):
-    from server.logprobs import TokenBytes
+    from plm_serve.server.logprobs import TokenBytes
 
     token_bytes = TokenBytes(processor.tokenizer)
     ids = processor.tokenizer.encode("日本", add_special_tokens=False).ids

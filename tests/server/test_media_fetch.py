@@ -8,10 +8,9 @@ import os
 
 import httpx
 import pytest
-
-from server.config import ServerConfig
-from server.errors import APIError
-from server.media_fetch import MediaFetcher, decode_data_url, is_public_address
+from plm_serve.server.config import ServerConfig
+from plm_serve.server.errors import APIError
+from plm_serve.server.media_fetch import MediaFetcher, decode_data_url, is_public_address
 
 PUBLIC = {"cdn.example": "93.184.216.34", "other.example": "151.101.1.69"}
 PRIVATE = {

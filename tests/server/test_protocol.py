@@ -5,16 +5,15 @@ from __future__ import annotations
 import logging
 
 import pytest
-from pydantic import ValidationError
-
-from server.errors import APIError, param_from_loc
-from server.protocol import (
+from plm_serve.server.errors import APIError, param_from_loc
+from plm_serve.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     ImageURLPart,
     TextPart,
     VideoURLPart,
 )
+from pydantic import ValidationError
 
 VOCAB = 128256
 
@@ -140,7 +139,7 @@ def test_unsupported_features_are_refused_not_ignored():
 
 
 def test_unknown_fields_are_accepted_and_logged(caplog):
-    with caplog.at_level(logging.WARNING, logger="server.protocol"):
+    with caplog.at_level(logging.WARNING, logger="plm_serve.server.protocol"):
         req = chat(store=True, metadata={"a": "b"})
     assert req.model_extra == {"store": True, "metadata": {"a": "b"}}
     assert "ignored" in caplog.text and "metadata" in caplog.text and "store" in caplog.text
