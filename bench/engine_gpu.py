@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
 from plm_serve.engine import EngineConfig, EngineCore, EngineRequest, MMInput, SamplingParams
 from plm_serve.processors import ImageInput, Processor
 

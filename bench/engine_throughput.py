@@ -27,7 +27,6 @@ import source_tree  # bench/ is first on sys.path when a script here runs
 source_tree.ensure_importable()
 
 from plm_serve.engine import EngineConfig, EngineCore
-
 from tests import reference
 from tests.engine import engine_fixtures as fx
 

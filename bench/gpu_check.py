@@ -103,7 +103,6 @@ def section_engine(rows: list[Row], quick: bool) -> None:
 def section_engine_tiny(rows: list[Row], quick: bool) -> None:
     """The whole engine on CUDA (bf16) on the tiny reference checkpoint: runs, and agrees with transformers."""
     from plm_serve.engine import EngineConfig, EngineCore
-
     from tests import reference
     from tests.engine import engine_fixtures as fx
 
@@ -160,8 +159,9 @@ def section_engine_tiny(rows: list[Row], quick: bool) -> None:
 
 def section_profile_decode(rows: list[Row], quick: bool) -> None:
     """Where one engine step's time goes at PLM-1B shapes: 64 running decodes, torch profiler top ops."""
-    from plm_serve.engine import EngineConfig, EngineCore, EngineRequest, SamplingParams
     from torch.profiler import ProfilerActivity, profile
+
+    from plm_serve.engine import EngineConfig, EngineCore, EngineRequest, SamplingParams
 
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = _random_checkpoint("plm-1b", Path(tmp) / "plm-1b-random")

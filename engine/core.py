@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer
+
 from plm_serve.engine.config import EngineConfig
 from plm_serve.engine.detokenizer import IncrementalDetokenizer
 from plm_serve.engine.model_runner import ModelRunner, RunnerOutput, to_token_logprob
@@ -19,7 +21,6 @@ from plm_serve.engine.request import EngineRequest, FinishReason, StepOutput
 from plm_serve.engine.scheduler import Scheduler, SchedulerOutput
 from plm_serve.engine.sequence import Sequence
 from plm_serve.models import PLMConfig, load_model
-from tokenizers import Tokenizer
 
 logger = logging.getLogger(__name__)
 

@@ -15,6 +15,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
+
 from plm_serve.engine.attention import AttentionMetadata, KVCache, TorchPagedAttention
 from plm_serve.engine.config import EngineConfig
 from plm_serve.engine.request import MMInput, TokenLogprob

@@ -29,6 +29,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
+
 from plm_serve.engine.sequence import Sequence
 
 RowLogprobs = tuple[float, list[tuple[int, float]]]  # (sampled token's logprob, top alternatives)

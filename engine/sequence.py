@@ -21,6 +21,7 @@ import enum
 from dataclasses import dataclass, field
 
 import torch
+
 from plm_serve.engine.request import FinishReason, MMInput, SamplingParams
 
 

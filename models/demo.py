@@ -11,9 +11,10 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
+
 from plm_serve.models.config import PLMConfig, load_preset_dict
 from plm_serve.models.loader import build_model
-from safetensors.torch import save_file
 
 GENERATION_CONFIG = {"bos_token_id": 128000, "eos_token_id": [128001, 128009], "do_sample": False}
 

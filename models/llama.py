@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from plm_serve.models.attention import Attention
 from plm_serve.models.config import TextConfig
 from plm_serve.models.rope import LlamaRotaryEmbedding, apply_rotate_half
-from torch import nn
 
 
 class RMSNorm(nn.Module):

@@ -18,10 +18,11 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from plm_serve.models.config import PLMConfig
-from plm_serve.models.perception_lm import PerceptionLM
 from safetensors import safe_open
 from torch import nn
+
+from plm_serve.models.config import PLMConfig
+from plm_serve.models.perception_lm import PerceptionLM
 
 _TIED_KEY = "lm_head.weight"
 _PROGRESS_MIN_BYTES = 1 << 30  # show a progress bar from 1 GiB of weights on

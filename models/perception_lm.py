@@ -17,12 +17,13 @@ transformers model.
 from __future__ import annotations
 
 import torch
+from torch import nn
+
 from plm_serve.models.attention import Attention, DenseCausalAttention
 from plm_serve.models.config import PLMConfig
 from plm_serve.models.llama import LlamaModel
 from plm_serve.models.projector import MultiModalProjector
 from plm_serve.models.vision import PerceptionEncoder
-from torch import nn
 
 
 class PerceptionLMModel(nn.Module):

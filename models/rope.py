@@ -13,8 +13,9 @@ from __future__ import annotations
 import math
 
 import torch
-from plm_serve.models.config import RopeScaling, TextConfig, VisionConfig
 from torch import nn
+
+from plm_serve.models.config import RopeScaling, TextConfig, VisionConfig
 
 
 def rotate_interleaved(x: torch.Tensor) -> torch.Tensor:

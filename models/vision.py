@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from plm_serve.models.config import VisionConfig
 from plm_serve.models.rope import VisionRope2D
-from torch import nn
 
 
 class PatchEmbed(nn.Module):

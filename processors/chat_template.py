@@ -16,6 +16,7 @@ from typing import Any
 import jinja2
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
 from plm_serve.processors.errors import CheckpointConfigError, InvalidContentError
 
 PLM_TEMPLATE_FILE = Path(__file__).with_name("plm_chat_template.jinja")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 from PIL import Image
+
 from plm_serve.processors.errors import MediaDecodeError, MediaTooLargeError
 from plm_serve.processors.limits import MediaLimits
 

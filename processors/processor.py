@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tokenizers import Tokenizer
+
 from plm_serve.processors.chat_template import ChatTemplate, load_chat_template
 from plm_serve.processors.config import ProcessorSettings, load_processor_settings
 from plm_serve.processors.content import DETAIL_VALUES, ImageInput, VideoInput
@@ -33,7 +35,6 @@ from plm_serve.processors.messages import MediaPart, parse_messages
 from plm_serve.processors.tiling import Grid, select_grid, tile_image
 from plm_serve.processors.tokenizer import TokenizerConfig, load_tokenizer, load_tokenizer_config, token_id
 from plm_serve.processors.video import ProbedVideo, count_frames, decode_frames, frame_targets, probe_video
-from tokenizers import Tokenizer
 
 
 @dataclass(slots=True)

@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from plm_serve.processors.errors import CheckpointConfigError
 from tokenizers import Tokenizer
+
+from plm_serve.processors.errors import CheckpointConfigError
 
 
 @dataclass(frozen=True, slots=True)

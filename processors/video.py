@@ -23,6 +23,7 @@ from fractions import Fraction
 from typing import TYPE_CHECKING
 
 import torch
+
 from plm_serve.processors.config import VideoSettings
 from plm_serve.processors.errors import InvalidContentError, MediaDecodeError, MediaTooLargeError
 from plm_serve.processors.image_decode import _reason

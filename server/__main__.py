@@ -18,6 +18,7 @@ from typing import Any
 
 import uvicorn
 import yaml
+
 from plm_serve import configs
 from plm_serve.engine import EngineConfig
 from plm_serve.server.app import create_app, drain

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+
 from plm_serve.engine import AsyncEngine
 from plm_serve.processors import MediaLimits, Processor
 from plm_serve.server.config import ServerConfig

@@ -19,6 +19,7 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
+
 from plm_serve.engine import AsyncEngine, EngineRequest, MMInput, SamplingParams, StepOutput
 from plm_serve.processors import ImageInput, ProcessedPrompt, VideoInput
 from plm_serve.server import sse

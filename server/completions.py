@@ -14,6 +14,7 @@ from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
+
 from plm_serve.engine import AsyncEngine, EngineRequest, StepOutput
 from plm_serve.processors import ProcessedPrompt
 from plm_serve.server import sse

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Annotated
 
 from fastapi import Depends, Request
+
 from plm_serve.engine import AsyncEngine
 from plm_serve.processors import Processor
 from plm_serve.server.config import ServerConfig

@@ -25,9 +25,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
 from plm_serve.engine import EngineDeadError, EngineOverloadedError, RequestRejectedError
 from plm_serve.processors import MediaTooLargeError, ProcessorError
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger(__name__)
 

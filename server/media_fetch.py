@@ -25,6 +25,7 @@ from urllib.parse import unquote, unquote_to_bytes, urlsplit
 
 import anyio
 import httpx
+
 from plm_serve.server.config import ServerConfig
 from plm_serve.server.errors import APIError, bad_request
 

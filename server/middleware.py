@@ -11,9 +11,10 @@ import hmac
 import re
 import uuid
 
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
 from plm_serve.server.errors import APIError
 from plm_serve.server.metrics import ServerMetrics
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 COUNTED_ROUTES = frozenset(
     {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/version"}

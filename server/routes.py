@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+
 from plm_serve.server import chat, completions
 from plm_serve.server.deps import CtxDep, EngineDep, ProcessorDep, check_model
 from plm_serve.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from plm_serve.server.version import VERSION
-from prometheus_client import CONTENT_TYPE_LATEST
 
 router = APIRouter()
 

@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 import anyio
+from starlette.requests import Request
+
 from plm_serve.engine import AsyncEngine, EngineError, EngineRequest, FinishReason, StepOutput
 from plm_serve.server.errors import APIError, ClientDisconnected, from_exception, service_unavailable
 from plm_serve.server.metrics import RequestRecorder
 from plm_serve.server.protocol import PromptTokensDetails, Usage
-from starlette.requests import Request
 
 T = TypeVar("T")
 

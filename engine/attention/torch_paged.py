@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
 from plm_serve.engine.attention.kv_cache import KVCache
 from plm_serve.engine.attention.metadata import AttentionMetadata
 from plm_serve.models.attention import causal_sdpa

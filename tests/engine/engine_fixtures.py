@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image
-from plm_serve.engine import EngineRequest, MMInput, SamplingParams
 
+from plm_serve.engine import EngineRequest, MMInput, SamplingParams
 from tests import reference
 
 TOKENS_PER_TILE = 256

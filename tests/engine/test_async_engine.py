@@ -7,6 +7,7 @@ import threading
 import time
 
 import pytest
+
 from plm_serve.engine import (
     AsyncEngine,
     EngineConfig,
@@ -16,7 +17,6 @@ from plm_serve.engine import (
     FinishReason,
     RequestRejectedError,
 )
-
 from tests import reference
 from tests.engine import engine_fixtures as fx
 

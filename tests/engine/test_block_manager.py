@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from plm_serve.engine.block_manager import BlockManager
 from plm_serve.engine.request import MMInput, SamplingParams
 from plm_serve.engine.sequence import Sequence

@@ -5,8 +5,8 @@ from __future__ import annotations
 import random
 
 import pytest
-from plm_serve.engine.detokenizer import IncrementalDetokenizer, TokenTexts
 
+from plm_serve.engine.detokenizer import IncrementalDetokenizer, TokenTexts
 from tests.reference import build_hf_tokenizer
 
 EOT = 128009

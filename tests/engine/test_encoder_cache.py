@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from plm_serve.engine.encoder_cache import EncoderBudget, EncoderCache, plan_media
 from plm_serve.engine.request import MMInput
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from plm_serve.engine import EngineConfig, EngineCore, FinishReason
 
+from plm_serve.engine import EngineConfig, EngineCore, FinishReason
 from tests import reference
 from tests.engine import engine_fixtures as fx
 

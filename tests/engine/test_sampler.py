@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from plm_serve.engine.request import SamplingParams
 from plm_serve.engine.sampler import (
     Sampler,

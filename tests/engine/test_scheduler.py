@@ -12,6 +12,7 @@ import random
 
 import pytest
 import torch
+
 from plm_serve.engine.config import EngineConfig
 from plm_serve.engine.encoder_cache import EncoderCache
 from plm_serve.engine.errors import EngineOverloadedError, RequestRejectedError

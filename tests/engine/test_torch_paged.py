@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from plm_serve.engine.attention import AttentionMetadata, KVCache, TorchPagedAttention
 from plm_serve.models.attention import causal_sdpa
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from plm_serve.models import PerceptionLM, load_model
 
+from plm_serve.models import PerceptionLM, load_model
 from tests import reference
 
 

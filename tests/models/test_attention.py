@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from plm_serve.models.attention import DenseCausalAttention, causal_sdpa
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from plm_serve.models import PLMConfig, build_model
 from plm_serve.models.config import PixelConfig, RopeScaling, VisionConfig
 from plm_serve.models.loader import count_parameters

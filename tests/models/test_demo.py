@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 
 import torch
-from plm_serve.models import DenseCausalAttention, PLMConfig, build_model, load_model, write_random_checkpoint
 from safetensors import safe_open
+
+from plm_serve.models import DenseCausalAttention, PLMConfig, build_model, load_model, write_random_checkpoint
 
 
 def test_round_trip(tmp_path: Path) -> None:

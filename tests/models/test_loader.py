@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from plm_serve.models import load_model
 from safetensors.torch import load_file, save_file
 
+from plm_serve.models import load_model
 from tests.models.conftest import chat_inputs, random_image
 from tests.reference import load_hf_processor
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from plm_serve.models import causal_sdpa
 
+from plm_serve.models import causal_sdpa
 from tests.models.conftest import PROMPTS, Family
 
 TOL = 1e-4

@@ -10,8 +10,8 @@ import functools
 from pathlib import Path
 
 import pytest
-from plm_serve.processors import Processor
 
+from plm_serve.processors import Processor
 from tests import reference
 
 

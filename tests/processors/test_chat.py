@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from plm_serve.processors import ImageInput, PromptTooLongError, VideoInput
 
+from plm_serve.processors import ImageInput, PromptTooLongError, VideoInput
 from tests.processors import media
 
 IMG_A = media.jpeg(640, 480, seed=1)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+
 from plm_serve.processors import (
     CheckpointConfigError,
     ImageInput,
@@ -19,7 +20,6 @@ from plm_serve.processors import (
     VideoInput,
 )
 from plm_serve.processors.config import ImageSettings, ProcessorSettings, VideoSettings
-
 from tests.processors import media
 from tests.processors.conftest import hf_image_processor
 

@@ -16,6 +16,7 @@ import av
 import numpy as np
 import pytest
 from PIL import Image
+
 from plm_serve.processors import (
     ImageInput,
     InvalidContentError,
@@ -26,7 +27,6 @@ from plm_serve.processors import (
     ProcessorError,
     VideoInput,
 )
-
 from tests.processors import media
 
 RNG = np.random.default_rng(0)

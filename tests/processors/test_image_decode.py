@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageOps
+
 from plm_serve.processors import ImageInput
 from plm_serve.processors.image_decode import IMAGE_FORMATS, decode_image, probe_image
 from plm_serve.processors.limits import MediaLimits
-
 from tests.processors import media
 
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+
 from plm_serve.processors.image_decode import decode_image, probe_image
 from plm_serve.processors.limits import MediaLimits
 from plm_serve.processors.tiling import resize_uint8, select_grid, tile_image
-
 from tests.processors import media
 from tests.processors.conftest import hf_image_processor
 

@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+
 from plm_serve.processors import ImageInput, Processor, VideoInput, write_processor_files
 from plm_serve.processors.tiktoken_convert import byte_alphabet, convert_llama3_tokenizer
-
 from tests import reference
 from tests.processors import media
 

@@ -7,10 +7,10 @@ import tempfile
 import numpy as np
 import pytest
 import torch
+
 from plm_serve.processors import MediaLimits, VideoInput
 from plm_serve.processors.config import VideoSettings
 from plm_serve.processors.video import _decode, count_frames, decode_frames, frame_targets, probe_video
-
 from tests.processors import media
 
 LIMITS = MediaLimits()

@@ -10,10 +10,10 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from fastapi.testclient import TestClient
+
 from plm_serve.processors import Processor
 from plm_serve.server.app import create_app
 from plm_serve.server.config import ServerConfig
-
 from tests.server.fake_engine import FakeEngine
 
 MODEL_NAME = "plm-tiny"

@@ -9,11 +9,11 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+
 from plm_serve.server import __main__ as cli
 from plm_serve.server import demo
 from plm_serve.server.app import create_app, drain
 from plm_serve.server.config import ServerConfig
-
 from tests.server.conftest import MODEL_NAME, chat_body
 from tests.server.fake_engine import FakeEngine
 

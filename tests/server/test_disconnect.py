@@ -8,9 +8,9 @@ import json
 import time
 
 import pytest
+
 from plm_serve.server.app import create_app
 from plm_serve.server.config import ServerConfig
-
 from tests.server.conftest import MODEL_NAME, chat_body
 from tests.server.fake_engine import FakeEngine
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+
 from plm_serve.engine import EngineDeadError, RequestRejectedError
 from plm_serve.server.protocol import ErrorResponse
-
 from tests.server import media
 from tests.server.conftest import MODEL_NAME, chat_body
 from tests.server.fake_engine import FakeEngine, overloaded

@@ -22,12 +22,12 @@ import httpx
 import openai
 import pytest
 import uvicorn
+
 from plm_serve.engine import AsyncEngine, EngineConfig, SamplingParams
 from plm_serve.offline import LLM
 from plm_serve.processors import ImageInput, Processor, VideoInput
 from plm_serve.server.app import create_app
 from plm_serve.server.config import ServerConfig
-
 from tests.server import media
 
 MODEL = "plm-tiny"

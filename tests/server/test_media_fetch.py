@@ -8,6 +8,7 @@ import os
 
 import httpx
 import pytest
+
 from plm_serve.server.config import ServerConfig
 from plm_serve.server.errors import APIError
 from plm_serve.server.media_fetch import MediaFetcher, decode_data_url, is_public_address

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 
 import pytest
+from pydantic import ValidationError
+
 from plm_serve.server.errors import APIError, param_from_loc
 from plm_serve.server.protocol import (
     ChatCompletionRequest,
@@ -13,7 +15,6 @@ from plm_serve.server.protocol import (
     TextPart,
     VideoURLPart,
 )
-from pydantic import ValidationError
 
 VOCAB = 128256
 
