@@ -11,6 +11,7 @@ One `execute(scheduler_output)` call per engine step:
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 
@@ -200,6 +201,10 @@ class ModelRunner:
             context_lens=torch.tensor(context, dtype=torch.long, device=dev),
             query_lens=[c.num_tokens for c in chunks],
             context_lens_host=context,
+            query_start=torch.tensor(
+                [0, *itertools.accumulate(c.num_tokens for c in chunks)], dtype=torch.int32, device=dev
+            ),
+            max_query_len=max(c.num_tokens for c in chunks),
         )
         return _Batch(
             embeds=embeds,
