@@ -2,30 +2,24 @@
 
 Public API:
     EngineConfig(model=..., **fields)          # validated in __post_init__ (ValueError, actionable text)
-    EngineConfig.from_yaml(path, **overrides)   # YAML mapping (top level or its `engine:` section)
     config.replace(**changes) -> EngineConfig   # a new validated copy (a config never mutates)
-    config.resolved_max_model_len               # max_model_len, or PerceptionLM's 11520 when None
 
-Values discovered at runtime (the number of KV blocks after profiling, EOS ids) live in runtime
-objects, not here.
+The field docstrings are the CLI's help (server/flags.py reads them), and YAML presets are parsed by the CLI
+(server/presets.py): there is one preset loader. Facts of the checkpoint (its context length, EOS ids, tokens
+per tile) are not settings: the engine reads them from the loaded model and validates these settings against
+them. Values discovered at runtime (the number of KV blocks after profiling) live in runtime objects.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
-# PerceptionLM constants (perception-lm.md §3-§7): max positions, tokens per 448² tile,
-# tiles of the largest image.
-PLM_MAX_MODEL_LEN = 11520
-TOKENS_PER_TILE = 256
-MAX_IMAGE_TILES = 37
-MAX_IMAGE_TOKENS = MAX_IMAGE_TILES * TOKENS_PER_TILE  # 9472
-
-_DTYPES = ("auto", "float32", "bfloat16", "float16")
-_DEVICES = ("auto", "cpu", "cuda")
+DType = Literal["auto", "float32", "bfloat16", "float16"]
+Device = Literal["auto", "cpu", "cuda"]
+_DTYPES = get_args(DType)
+_DEVICES = get_args(Device)
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,15 +29,16 @@ class EngineConfig:
     model: str
     """Path of the checkpoint folder (config.json, safetensors, tokenizer files)."""
 
-    dtype: str = "auto"
+    dtype: DType = "auto"
     """Weights/activations dtype: "auto" (bfloat16 on CUDA, float32 on CPU), "float32", "bfloat16",
     "float16"."""
 
-    device: str = "auto"
+    device: Device = "auto"
     """"auto" (CUDA when available, else CPU), "cpu" or "cuda"."""
 
     max_model_len: int | None = None
-    """Longest sequence (prompt + output) in tokens; None = the model's maximum (11520 for PerceptionLM)."""
+    """Longest sequence (prompt + output) in tokens; None = the model's maximum (its
+    max_position_embeddings: 11520 for the released PerceptionLM checkpoints)."""
 
     max_num_seqs: int = 256
     """Most sequences (choices) running at once, i.e. the largest decode batch."""
@@ -66,12 +61,13 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     """Reuse the KV of full blocks shared with earlier prompts (keyed by tokens and media hashes)."""
 
-    encoder_cache_tokens: int = 4 * MAX_IMAGE_TOKENS
-    """Capacity of the vision-encoder output cache in embedding rows (one per placeholder token).
-    Must hold the largest image (9472 rows); a media item larger than this is rejected."""
+    encoder_cache_tokens: int = 37888
+    """Capacity of the vision-encoder output cache in embedding rows (one per placeholder token). The default
+    holds 4 of the largest images (37 tiles x 256 rows); a media item larger than this is rejected."""
 
-    max_encoder_tiles_per_step: int = 2 * MAX_IMAGE_TILES
-    """Vision-encoder compute budget per step, in tiles (or video frames). One item per step is
+    max_encoder_tiles_per_step: int = 74
+    """Vision-encoder compute budget per step, in tiles (or video frames); the default is 2 of the largest
+    images. One item per step is
     always allowed even if it alone exceeds the budget, so large items never starve."""
 
     max_waiting_requests: int = 1024
@@ -92,9 +88,8 @@ class EngineConfig:
             (self.dtype in _DTYPES, f"dtype={self.dtype!r}: use one of {', '.join(_DTYPES)}"),
             (self.device in _DEVICES, f"device={self.device!r}: use one of {', '.join(_DEVICES)}"),
             (
-                self.max_model_len is None or 1 <= self.max_model_len <= PLM_MAX_MODEL_LEN,
-                f"max_model_len={self.max_model_len}: use 1..{PLM_MAX_MODEL_LEN} (the model's maximum) "
-                "or leave it unset",
+                self.max_model_len is None or self.max_model_len >= 1,
+                f"max_model_len={self.max_model_len}: must be at least 1, or unset for the model's maximum",
             ),
             (self.max_num_seqs >= 1, f"max_num_seqs={self.max_num_seqs}: must be at least 1"),
             (
@@ -113,10 +108,9 @@ class EngineConfig:
                 f"gpu_memory_utilization={self.gpu_memory_utilization}: must be in (0, 1]",
             ),
             (
-                self.encoder_cache_tokens >= MAX_IMAGE_TOKENS,
-                f"encoder_cache_tokens={self.encoder_cache_tokens} cannot hold the largest image "
-                f"({MAX_IMAGE_TOKENS} rows = {MAX_IMAGE_TILES} tiles x {TOKENS_PER_TILE}); "
-                f"raise it to at least {MAX_IMAGE_TOKENS}",
+                self.encoder_cache_tokens >= 1,
+                f"encoder_cache_tokens={self.encoder_cache_tokens}: must be at least 1 (media items larger "
+                "than the cache are rejected)",
             ),
             (
                 self.max_encoder_tiles_per_step >= 1,
@@ -128,39 +122,14 @@ class EngineConfig:
             ),
         ]
 
-    @property
-    def resolved_max_model_len(self) -> int:
-        """The context length in force: `max_model_len`, or PerceptionLM's 11520 when unset."""
-        return self.max_model_len if self.max_model_len is not None else PLM_MAX_MODEL_LEN
-
     def replace(self, **changes: Any) -> EngineConfig:
         """A validated copy with `changes` applied; unknown names raise ValueError."""
         _check_names(changes)
         return dataclasses.replace(self, **changes)
 
-    @classmethod
-    def from_yaml(cls, path: str | Path, **overrides: Any) -> EngineConfig:
-        """Load a YAML mapping (its `engine:` section if it has one) and apply `overrides` on top.
 
-        Every override is applied as given (a CLI should drop the flags that were not set).
-        Unknown keys raise ValueError naming the valid ones.
-        """
-        import yaml  # only needed here; keeps `import engine` light
-
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a YAML mapping of engine settings, got {type(data).__name__}")
-        section = data.get("engine", data)
-        if not isinstance(section, dict):
-            raise ValueError(f"{path}: the `engine:` section must be a mapping")
-        values = {**section, **overrides}
-        _check_names(values, source=str(path))
-        return cls(**values)
-
-
-def _check_names(values: dict[str, Any], source: str = "overrides") -> None:
+def _check_names(values: dict[str, Any]) -> None:
     known = {f.name for f in dataclasses.fields(EngineConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"{source}: unknown engine setting(s) {unknown}; valid ones: {sorted(known)}")
+        raise ValueError(f"unknown engine setting(s) {unknown}; valid ones: {sorted(known)}")

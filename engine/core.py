@@ -64,9 +64,13 @@ class EngineCore:
         self.config = config
         self.runner = runner
         self.tokenizer = tokenizer
-        self.max_model_len = min(
-            config.max_model_len or model_config.max_model_len, model_config.max_model_len
-        )
+        model_max = model_config.max_model_len  # the checkpoint's max_position_embeddings
+        if config.max_model_len is not None and config.max_model_len > model_max:
+            raise ValueError(
+                f"max_model_len={config.max_model_len} exceeds the model's maximum of {model_max} positions "
+                "(max_position_embeddings in config.json); lower it or leave it unset"
+            )
+        self.max_model_len = config.max_model_len or model_max
         self.eos_token_ids = tuple(model_config.eos_token_ids)
         num_blocks = config.num_kv_blocks
         if num_blocks is None:

@@ -110,7 +110,11 @@ class Scheduler:
 
     def __init__(self, config: EngineConfig, num_blocks: int, eos_token_ids: Iterable[int]) -> None:
         self.config = config
-        self.max_model_len = config.resolved_max_model_len
+        if config.max_model_len is None:
+            raise ValueError(
+                "the scheduler needs max_model_len resolved against the model (EngineCore does it)"
+            )
+        self.max_model_len = config.max_model_len
         self.eos_token_ids = frozenset(eos_token_ids)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.encoder_cache = EncoderCache(config.encoder_cache_tokens)

@@ -2,21 +2,44 @@
 
 A leaf package: it never imports `engine`, `models` or `server`. Pixels leave it as uint8 tiles; the model
 normalizes.
+
+The names load on first use (PEP 562): importing `plm_serve.processors.limits` stays cheap.
 """
 
-from plm_serve.processors.assets import write_processor_files
-from plm_serve.processors.content import ImageInput, VideoInput
-from plm_serve.processors.errors import (
-    CheckpointConfigError,
-    InvalidContentError,
-    MediaDecodeError,
-    MediaTooLargeError,
-    ProcessorError,
-    PromptTooLongError,
-)
-from plm_serve.processors.limits import MediaLimits
-from plm_serve.processors.processor import ProcessedMedia, ProcessedPrompt, Processor
+from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from plm_serve.processors.assets import write_processor_files
+    from plm_serve.processors.content import ImageInput, VideoInput
+    from plm_serve.processors.errors import (
+        CheckpointConfigError,
+        InvalidContentError,
+        MediaDecodeError,
+        MediaTooLargeError,
+        ProcessorError,
+        PromptTooLongError,
+    )
+    from plm_serve.processors.limits import MediaLimits
+    from plm_serve.processors.processor import ProcessedMedia, ProcessedPrompt, Processor
+
+_EXPORTS = {
+    "write_processor_files": "assets",
+    "ImageInput": "content",
+    "VideoInput": "content",
+    "CheckpointConfigError": "errors",
+    "InvalidContentError": "errors",
+    "MediaDecodeError": "errors",
+    "MediaTooLargeError": "errors",
+    "ProcessorError": "errors",
+    "PromptTooLongError": "errors",
+    "MediaLimits": "limits",
+    "ProcessedMedia": "processor",
+    "ProcessedPrompt": "processor",
+    "Processor": "processor",
+}
 __all__ = [
     "CheckpointConfigError",
     "ImageInput",
@@ -32,3 +55,9 @@ __all__ = [
     "VideoInput",
     "write_processor_files",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

@@ -18,14 +18,26 @@ class MediaLimits:
     """
 
     max_image_bytes: int = 20 * MiB
+    """Largest image file in bytes (413 beyond)."""
+
     max_image_pixels: int = 50_000_000
-    max_video_bytes: int = 200 * MiB
+    """Largest image (and video frame) in pixels, checked on the header: the decompression-bomb guard."""
+
+    max_video_bytes: int = 64 * MiB
+    """Largest video file in bytes (413 beyond). Base64 inflates it by 4/3 inside a JSON body."""
+
     max_video_frames: int = 64
+    """Most sampled frames per video (each costs one tile's worth of prompt tokens, 256 for PLM)."""
+
     default_video_frames: int = 32
+    """Frames sampled from a video when the request does not say."""
+
     max_media_per_request: int = 8
-    # Frames in the video file itself (1 hour at 30 fps is 108k): bounds the demux scan and, for files
-    # without a usable seek index, the number of frames decoded.
+    """Most images and videos in one request."""
+
     max_video_source_frames: int = 200_000
+    """Most frames in the video file itself (1 hour at 30 fps is 108k): bounds the demux scan and, for files
+    without a usable seek index, the number of frames decoded."""
 
     def __post_init__(self) -> None:
         for name in (

@@ -1,166 +1,111 @@
-"""`plm-serve` / `python -m plm_serve.server`: parse flags over an optional YAML preset, build the configs, run uvicorn.
+"""`plm-serve` / `python -m plm_serve.server`: flags over an optional YAML preset -> configs -> uvicorn.
 
 This is the only module that reads the environment (`PLM_API_KEY`, and the cache location of the demo model).
-Settings resolve in this order, last wins: EngineConfig/ServerConfig defaults, `--config` preset, CLI flags.
+Settings resolve in this order, last wins: the config dataclasses' defaults, the `--config` preset, CLI flags.
+Every mistake in them ends the process with one line on stderr and exit status 2, never a traceback; `--help`
+and `--version` import neither torch nor the web stack.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import logging
 import os
 import socket
 import sys
+import typing
 from pathlib import Path
 from typing import Any
 
 import uvicorn
-import yaml
 
-from plm_serve import configs
 from plm_serve.engine import EngineConfig
-from plm_serve.server.app import create_app, drain
-from plm_serve.server.config import ServerConfig, server_field_names
-from plm_serve.server.demo import ensure_demo_checkpoint
+from plm_serve.processors import MediaLimits
+from plm_serve.server.config import ServerConfig
+from plm_serve.server.flags import SettingsError, add_flags, settings
+from plm_serve.server.presets import load_preset
 from plm_serve.server.version import VERSION
 
 logger = logging.getLogger("plm_serve.server")
 
-# (flag, argparse kwargs). Every default is None: only flags given on the command line override the preset.
-ENGINE_FLAGS: list[tuple[str, dict[str, Any]]] = [
-    (
-        "--dtype",
-        {"choices": ["auto", "float32", "bfloat16", "float16"], "help": "weights dtype (auto: bf16 on GPU)"},
-    ),
-    ("--device", {"choices": ["auto", "cpu", "cuda"], "help": "auto: CUDA when available"}),
-    ("--max-model-len", {"type": int, "help": "context length in tokens (default: the model's, 11520)"}),
-    ("--max-num-seqs", {"type": int, "help": "most sequences running at once"}),
-    ("--max-num-batched-tokens", {"type": int, "help": "token budget of one engine step"}),
-    ("--block-size", {"type": int, "help": "tokens per KV block"}),
-    ("--num-kv-blocks", {"type": int, "help": "fixed KV pool size (default: profile GPU memory)"}),
-    ("--gpu-memory-utilization", {"type": float, "help": "fraction of GPU memory the engine may use"}),
-    (
-        "--enable-prefix-caching",
-        {"action": argparse.BooleanOptionalAction, "help": "reuse KV of shared prefixes"},
-    ),
-    ("--encoder-cache-tokens", {"type": int, "help": "vision-encoder output cache, in embedding rows"}),
-    ("--max-encoder-tiles-per-step", {"type": int, "help": "vision-encoder budget per step, in tiles"}),
-    ("--max-waiting-requests", {"type": int, "help": "queue bound; beyond it requests get 429"}),
-    ("--seed", {"type": int, "help": "seed of the engine's global RNG"}),
-]
-SERVER_FLAGS: list[tuple[str, dict[str, Any]]] = [
-    ("--served-model-name", {"help": "model id for clients (default: the checkpoint folder's name)"}),
-    ("--host", {"help": "bind address (default 127.0.0.1)"}),
-    ("--port", {"type": int, "help": "port (default 8000)"}),
-    ("--api-key", {"help": "require 'Authorization: Bearer KEY' on /v1 routes (or set PLM_API_KEY)"}),
-    ("--max-request-body-bytes", {"type": int, "help": "largest request body (413 beyond)"}),
-    ("--max-image-bytes", {"type": int, "help": "largest image file"}),
-    ("--max-image-pixels", {"type": int, "help": "largest image in pixels (decompression-bomb guard)"}),
-    ("--max-video-bytes", {"type": int, "help": "largest video file"}),
-    ("--max-video-frames", {"type": int, "help": "most sampled frames per video (256 tokens each)"}),
-    ("--default-video-frames", {"type": int, "help": "frames sampled when the request does not say"}),
-    ("--max-media-per-request", {"type": int, "help": "most images and videos in one request"}),
-    ("--media-fetch-timeout-s", {"type": float, "help": "deadline for downloading one media URL"}),
-    ("--max-media-redirects", {"type": int, "help": "redirects followed per media URL"}),
-    (
-        "--allow-private-media-urls",
-        {
-            "action": argparse.BooleanOptionalAction,
-            "help": "allow media URLs on private/loopback/link-local addresses (off: refused, against SSRF)",
-        },
-    ),
-    ("--allowed-local-media-path", {"help": "directory whose files may be sent as file:// URLs or paths"}),
-    ("--preprocess-workers", {"type": int, "help": "threads decoding and tiling media"}),
-    ("--shutdown-grace-seconds", {"type": float, "help": "on SIGTERM, time running requests get to finish"}),
-]
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:
+        """One line instead of argparse's usage dump (which lists every flag)."""
+        self.exit(2, f"{self.prog}: {message} (`{self.prog} --help` lists every flag)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="plm-serve",
         description="OpenAI-compatible server for PerceptionLM (/v1/chat/completions and more).",
     )
+    parser.add_argument("--version", action="version", version=f"plm-serve {VERSION}")
     parser.add_argument(
         "--model", help="checkpoint folder; without it a tiny random-weight demo model is served"
     )
     parser.add_argument(
         "--config",
-        help="serving preset: a YAML file, or a shipped name (plm-1b, plm-3b, plm-8b, tiny-random); flags given here override it",
+        help="serving preset: a YAML file, or the name of a shipped one (plm-1b, plm-3b, plm-8b, tiny-random); "
+        "flags given here override it",
     )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    engine = parser.add_argument_group("engine")
-    for flag, kwargs in ENGINE_FLAGS:
-        engine.add_argument(flag, default=None, **kwargs)
-    server = parser.add_argument_group("server")
-    for flag, kwargs in SERVER_FLAGS:
-        server.add_argument(flag, default=None, **kwargs)
+    add_flags(parser)
     return parser
 
 
-def load_preset(path: str | None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(engine settings, server settings) of a YAML preset: flat keys, or `engine:` / `server:` sections."""
-    if path is None:
-        return {}, {}
-    data = yaml.safe_load(_read_preset(path)) or {}
-    if not isinstance(data, dict):
-        raise SystemExit(f"{path}: expected a YAML mapping of settings")
-    engine_keys = {f.name for f in dataclasses.fields(EngineConfig)}
-    server_keys = server_field_names()
-    engine_part, server_part = dict(data.pop("engine", None) or {}), dict(data.pop("server", None) or {})
-    for key, value in data.items():
-        if key in engine_keys:
-            engine_part[key] = value
-        if key in server_keys:
-            server_part[key] = value
-        if key not in engine_keys | server_keys:
-            raise SystemExit(f"{path}: unknown setting {key!r}")
-    return engine_part, server_part
-
-
-def _read_preset(name_or_path: str) -> str:
-    """The text of a preset: a YAML file, or the name of one shipped in `plm_serve.configs`."""
-    if Path(name_or_path).is_file():
-        return Path(name_or_path).read_text(encoding="utf-8")
-    shipped = configs.serving_preset(name_or_path)
-    if shipped is None:
-        raise SystemExit(
-            f"plm-serve: --config {name_or_path}: no such file, and no shipped preset of that name "
-            f"(shipped: {', '.join(configs.serving_preset_names())})"
-        )
-    return shipped.read_text(encoding="utf-8")
-
-
 def build_configs(args: argparse.Namespace, environ: dict[str, str]) -> ServerConfig:
-    engine_part, server_part = load_preset(args.config)
-    flags = {k: v for k, v in vars(args).items() if v is not None}
-    engine_keys = {f.name for f in dataclasses.fields(EngineConfig)} - {"model"}
-    engine_part.update({k: v for k, v in flags.items() if k in engine_keys})
-    server_part.update({k: v for k, v in flags.items() if k in server_field_names() - {"model"}})
-    if "api_key" not in server_part and environ.get("PLM_API_KEY"):
-        server_part["api_key"] = environ["PLM_API_KEY"]
-    model = args.model or server_part.pop("model", None) or engine_part.get("model")
-    server_part.pop("model", None)
-    if model is None:
-        cache = Path(environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "plm-serve"
-        model = str(ensure_demo_checkpoint(cache, VERSION))
-        logger.warning(
-            "No --model given: serving the built-in DEMO model from %s. Its weights are RANDOM, so its "
-            "answers are meaningless. Pass --model /path/to/Perception-LM-1B to serve a real checkpoint.",
-            model,
-        )
+    """The validated configs of a command line; any mistake raises SystemExit with one line."""
+    try:
+        return _build_configs(args, environ)
+    except (SettingsError, ValueError) as exc:
+        raise SystemExit(f"plm-serve: {exc}") from None
+
+
+def _build_configs(args: argparse.Namespace, environ: dict[str, str]) -> ServerConfig:
+    values: dict[str, Any] = load_preset(args.config) if args.config else {}
+    preset_model = values.pop("model", None)
+    values.update({k: v for k, v in vars(args).items() if v is not None and k in settings()})
+    if "api_key" not in values and environ.get("PLM_API_KEY"):
+        values["api_key"] = environ["PLM_API_KEY"]
+    model = args.model or preset_model or _demo_model(environ)
     if not (Path(model) / "config.json").is_file():
-        raise SystemExit(
-            f"plm-serve: --model {model}: not a checkpoint folder (no config.json); give the folder of a "
+        raise SettingsError(
+            f"--model {model}: not a checkpoint folder (no config.json); give the folder of a "
             "Perception-LM checkpoint in the Hugging Face format, or no --model for the demo model"
         )
-    engine_part["model"] = model
-    try:
-        engine_config = EngineConfig(**engine_part)
-        return ServerConfig(model=model, engine=engine_config, **server_part)
-    except (TypeError, ValueError) as exc:
-        raise SystemExit(f"plm-serve: {exc}") from None
+    groups: dict[str, dict[str, Any]] = {"engine": {}, "server": {}, "media": {}}
+    for name, value in values.items():
+        groups[settings()[name].group][name] = value
+    engine = EngineConfig(model=model, **groups["engine"])
+    if engine.device == "cuda":
+        _require_cuda()
+    return ServerConfig(model=model, engine=engine, media=MediaLimits(**groups["media"]), **groups["server"])
+
+
+def _demo_model(environ: dict[str, str]) -> str:
+    from plm_serve.server.demo import ensure_demo_checkpoint  # builds with torch: only when it is needed
+
+    cache = Path(environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "plm-serve"
+    model = str(ensure_demo_checkpoint(cache, VERSION))
+    logger.warning(
+        "No --model given: serving the built-in DEMO model from %s. Its weights are RANDOM, so its "
+        "answers are meaningless. Pass --model /path/to/Perception-LM-1B to serve a real checkpoint.",
+        model,
+    )
+    return model
+
+
+def _require_cuda() -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        built = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise SettingsError(
+            f"--device cuda: no CUDA device is available (torch {torch.__version__}, {built}); "
+            "use --device cpu, or auto to take a GPU when there is one"
+        )
 
 
 class GracefulServer(uvicorn.Server):
@@ -175,6 +120,8 @@ class GracefulServer(uvicorn.Server):
         self.grace_s = grace_s
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        from plm_serve.server.app import drain
+
         draining = asyncio.ensure_future(drain(self.config.app, self.grace_s))  # type: ignore[arg-type]
         try:
             await super().shutdown(sockets)
@@ -183,6 +130,8 @@ class GracefulServer(uvicorn.Server):
 
 
 def serve(config: ServerConfig, log_level: str = "info") -> int:
+    from plm_serve.server.app import create_app  # the web stack and the engine: not needed for --help
+
     server: GracefulServer | None = None
 
     def on_load_failure(exc: BaseException) -> None:

@@ -15,8 +15,8 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from plm_serve.engine import AsyncEngine
-from plm_serve.processors import MediaLimits, Processor
+from plm_serve.engine import AsyncEngine, EngineClient
+from plm_serve.processors import Processor
 from plm_serve.server.config import ServerConfig
 from plm_serve.server.deps import ServerContext
 from plm_serve.server.errors import install_exception_handlers
@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 def create_app(
     config: ServerConfig,
-    engine: AsyncEngine | None = None,
+    engine: EngineClient | None = None,
     *,
     processor: Processor | None = None,
     on_load_failure: Callable[[BaseException], None] | None = None,
@@ -73,20 +73,9 @@ def create_app(
     return app
 
 
-def media_limits(config: ServerConfig) -> MediaLimits:
-    return MediaLimits(
-        max_image_bytes=config.max_image_bytes,
-        max_image_pixels=config.max_image_pixels,
-        max_video_bytes=config.max_video_bytes,
-        max_video_frames=config.max_video_frames,
-        default_video_frames=config.default_video_frames,
-        max_media_per_request=config.max_media_per_request,
-    )
-
-
 async def _load(
     ctx: ServerContext,
-    engine: AsyncEngine | None,
+    engine: EngineClient | None,
     processor: Processor | None,
     on_failure: Callable[[BaseException], None] | None,
 ) -> None:
@@ -94,9 +83,7 @@ async def _load(
     cfg = ctx.config
     try:
         if processor is None:
-            processor = await asyncio.to_thread(
-                Processor.from_pretrained, cfg.model, limits=media_limits(cfg)
-            )
+            processor = await asyncio.to_thread(Processor.from_pretrained, cfg.model, limits=cfg.media)
         if engine is None:
             assert cfg.engine is not None
             logger.info(

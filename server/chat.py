@@ -20,7 +20,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from plm_serve.engine import AsyncEngine, EngineRequest, MMInput, SamplingParams, StepOutput
+from plm_serve.engine import EngineClient, EngineRequest, MMInput, SamplingParams, StepOutput
 from plm_serve.processors import ImageInput, ProcessedPrompt, VideoInput
 from plm_serve.server import sse
 from plm_serve.server.deps import ServerContext
@@ -54,7 +54,7 @@ SYSTEM_FINGERPRINT = "plm-serve"
 
 
 async def create_chat_completion(
-    body: ChatCompletionRequest, http: Request, ctx: ServerContext, engine: AsyncEngine
+    body: ChatCompletionRequest, http: Request, ctx: ServerContext, engine: EngineClient
 ) -> Response:
     body.check_supported()
     arrival = time.monotonic()
@@ -82,7 +82,7 @@ async def create_chat_completion(
 
 # ----------------------------------------------------------------------------------------- request building
 async def build_request(
-    body: ChatCompletionRequest, ctx: ServerContext, engine: AsyncEngine, request_id: str, arrival: float
+    body: ChatCompletionRequest, ctx: ServerContext, engine: EngineClient, request_id: str, arrival: float
 ) -> EngineRequest:
     assert ctx.processor is not None
     params = body.to_sampling_params(ctx.processor.tokenizer.get_vocab_size())
@@ -124,10 +124,10 @@ async def load_messages(messages: list[ChatMessage], ctx: ServerContext) -> list
         if isinstance(m.content, list)
         for p in m.content
     )
-    if num_media > cfg.max_media_per_request:
+    if num_media > cfg.media.max_media_per_request:
         raise APIError(
             413,
-            f"{num_media} images/videos in one request; the limit is {cfg.max_media_per_request}",
+            f"{num_media} images/videos in one request; the limit is {cfg.media.max_media_per_request}",
             param="messages",
             code="media_too_large",
         )
@@ -167,10 +167,14 @@ async def _load_part(
     cfg = ctx.config
     if isinstance(part, ImageURLPart):
         img = part.image_url
-        data = await ctx.fetcher.fetch(img.url, max_bytes=cfg.max_image_bytes, param=f"{param}.image_url.url")
+        data = await ctx.fetcher.fetch(
+            img.url, max_bytes=cfg.media.max_image_bytes, param=f"{param}.image_url.url"
+        )
         return ImageInput(data=data, detail=img.detail, max_num_tiles=img.max_num_tiles)
     video = part.video_url
-    data = await ctx.fetcher.fetch(video.url, max_bytes=cfg.max_video_bytes, param=f"{param}.video_url.url")
+    data = await ctx.fetcher.fetch(
+        video.url, max_bytes=cfg.media.max_video_bytes, param=f"{param}.video_url.url"
+    )
     return VideoInput(data=data, num_frames=video.num_frames, fps=video.fps)
 
 

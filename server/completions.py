@@ -15,7 +15,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from plm_serve.engine import AsyncEngine, EngineRequest, StepOutput
+from plm_serve.engine import EngineClient, EngineRequest, StepOutput
 from plm_serve.processors import ProcessedPrompt
 from plm_serve.server import sse
 from plm_serve.server.chat import SYSTEM_FINGERPRINT, engine_request, max_prompt_tokens
@@ -41,7 +41,7 @@ from plm_serve.server.sse import SSEResponse
 
 
 async def create_completion(
-    body: CompletionRequest, http: Request, ctx: ServerContext, engine: AsyncEngine
+    body: CompletionRequest, http: Request, ctx: ServerContext, engine: EngineClient
 ) -> Response:
     body.check_supported()
     arrival = time.monotonic()
@@ -69,7 +69,7 @@ async def create_completion(
 
 
 async def build_requests(
-    body: CompletionRequest, ctx: ServerContext, engine: AsyncEngine, request_id: str, arrival: float
+    body: CompletionRequest, ctx: ServerContext, engine: EngineClient, request_id: str, arrival: float
 ) -> list[EngineRequest]:
     assert ctx.processor is not None
     vocab_size = ctx.processor.tokenizer.get_vocab_size()

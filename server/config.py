@@ -1,15 +1,19 @@
 """ServerConfig: the HTTP-side settings, built once by the CLI (or a test) and never mutated.
 
-Engine settings live in `engine.EngineConfig` (carried here as `engine`); everything about HTTP, auth, media
-fetching and shutdown lives here. Nothing in this module reads the environment: `server/__main__.py` does.
+Engine settings live in `engine.EngineConfig` (carried here as `engine`), per-request media limits in
+`processors.MediaLimits` (carried as `media`); everything about HTTP, auth, media fetching and shutdown lives here.
+The field docstrings are the CLI's help (server/flags.py). Nothing in this module reads the environment:
+`server/__main__.py` does.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from plm_serve.processors import MediaLimits
 
 if TYPE_CHECKING:
     from plm_serve.engine import EngineConfig
@@ -30,8 +34,14 @@ class ServerConfig:
     served_model_name: str | None = None
     """The model id clients send and see; None = the checkpoint folder's name."""
 
+    media: MediaLimits = field(default_factory=MediaLimits)
+    """Per-request media limits (their own flags: --max-image-bytes, --max-video-frames, ...)."""
+
     host: str = "127.0.0.1"
+    """Address to bind (0.0.0.0 to listen on every interface)."""
+
     port: int = 8000
+    """TCP port to listen on."""
 
     api_key: str | None = None
     """When set, every /v1 route needs `Authorization: Bearer <api_key>`; /health, /metrics, /version stay
@@ -41,18 +51,13 @@ class ServerConfig:
     """Largest HTTP body accepted (413 beyond). Base64 inflates media by 4/3: keep it above
     max_video_bytes."""
 
-    max_image_bytes: int = 20 * MiB
-    max_image_pixels: int = 50_000_000
-    max_video_bytes: int = 64 * MiB
-    max_video_frames: int = 64
-    default_video_frames: int = 32
-    max_media_per_request: int = 8
-
     media_fetch_timeout_s: float = 20.0
     """Whole-download deadline for an http(s) media URL (the connect timeout is the smaller of this and 5
     s)."""
 
     max_media_redirects: int = 3
+    """Redirects followed per media URL (each one re-checked against the address guard)."""
+
     allow_private_media_urls: bool = False
     """Allow http(s) media URLs that resolve to private, loopback, link-local or other non-public
     addresses."""
@@ -96,8 +101,3 @@ class ServerConfig:
 
     def replace(self, **changes: Any) -> ServerConfig:
         return dataclasses.replace(self, **changes)
-
-
-def server_field_names() -> set[str]:
-    """Names a YAML preset or the CLI may set on ServerConfig (the engine section is separate)."""
-    return {f.name for f in dataclasses.fields(ServerConfig)} - {"engine"}

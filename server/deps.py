@@ -13,7 +13,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from plm_serve.engine import AsyncEngine
+from plm_serve.engine import EngineClient
 from plm_serve.processors import Processor
 from plm_serve.server.config import ServerConfig
 from plm_serve.server.errors import APIError, service_unavailable
@@ -30,7 +30,7 @@ class ServerContext:
     metrics: ServerMetrics
     fetcher: MediaFetcher
     executor: ThreadPoolExecutor  # media decoding and tiling, off the event loop
-    engine: AsyncEngine | None = None
+    engine: EngineClient | None = None
     processor: Processor | None = None
     token_bytes: TokenBytes | None = None
     load_error: str | None = None
@@ -42,7 +42,7 @@ class ServerContext:
     def model_name(self) -> str:
         return self.config.model_name
 
-    def set_loaded(self, engine: AsyncEngine, processor: Processor) -> None:
+    def set_loaded(self, engine: EngineClient, processor: Processor) -> None:
         self.processor = processor
         self.token_bytes = TokenBytes(processor.tokenizer)
         self.engine = engine  # last: readiness is "engine is set"
@@ -67,14 +67,14 @@ def get_ctx(request: Request) -> ServerContext:
 CtxDep = Annotated[ServerContext, Depends(get_ctx)]
 
 
-def get_engine(ctx: CtxDep) -> AsyncEngine:
+def get_engine(ctx: CtxDep) -> EngineClient:
     reason = ctx.unavailable_reason()
     if reason is not None or ctx.engine is None:
         raise service_unavailable(reason or "the model is still loading")
     return ctx.engine
 
 
-EngineDep = Annotated[AsyncEngine, Depends(get_engine)]
+EngineDep = Annotated[EngineClient, Depends(get_engine)]
 
 
 def get_processor(ctx: CtxDep, _ready: EngineDep) -> Processor:

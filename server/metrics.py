@@ -16,14 +16,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from plm_serve.engine import AsyncEngine, StepOutput
+    from plm_serve.engine import EngineClient, StepOutput
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
 _TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)
 
 
 class ServerMetrics:
-    def __init__(self, engine_getter: Callable[[], AsyncEngine | None]) -> None:
+    def __init__(self, engine_getter: Callable[[], EngineClient | None]) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.http_requests = Counter(
@@ -106,7 +106,7 @@ class RequestRecorder:
 class EngineCollector(Collector):
     """Engine gauges and cache counters, read from `engine.stats()` at scrape time."""
 
-    def __init__(self, engine_getter: Callable[[], AsyncEngine | None]) -> None:
+    def __init__(self, engine_getter: Callable[[], EngineClient | None]) -> None:
         self.engine_getter = engine_getter
 
     def collect(self) -> Iterator[Metric]:

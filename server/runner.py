@@ -18,7 +18,7 @@ from typing import TypeVar
 import anyio
 from starlette.requests import Request
 
-from plm_serve.engine import AsyncEngine, EngineError, EngineRequest, FinishReason, StepOutput
+from plm_serve.engine import EngineClient, EngineError, EngineRequest, FinishReason, StepOutput
 from plm_serve.server.errors import APIError, ClientDisconnected, from_exception, service_unavailable
 from plm_serve.server.metrics import RequestRecorder
 from plm_serve.server.protocol import PromptTokensDetails, Usage
@@ -27,7 +27,7 @@ T = TypeVar("T")
 
 
 async def open_generation(
-    engine: AsyncEngine, request: EngineRequest, recorder: RequestRecorder
+    engine: EngineClient, request: EngineRequest, recorder: RequestRecorder
 ) -> AsyncGenerator[StepOutput, None]:
     """Submit `request` and wait for its first output, so that queue-full, shutdown and rejection errors raise
     here (and become 429/503/400) rather than inside an already-started 200 stream."""
@@ -41,7 +41,7 @@ async def open_generation(
 
 
 async def _drive(
-    engine: AsyncEngine, request: EngineRequest, recorder: RequestRecorder
+    engine: EngineClient, request: EngineRequest, recorder: RequestRecorder
 ) -> AsyncGenerator[StepOutput, None]:
     stream = engine.generate(request)
     open_choices = set(range(request.sampling.n))
@@ -84,7 +84,7 @@ async def _empty() -> AsyncGenerator[StepOutput, None]:
 
 
 async def open_all(
-    engine: AsyncEngine, requests: list[EngineRequest], recorders: list[RequestRecorder]
+    engine: EngineClient, requests: list[EngineRequest], recorders: list[RequestRecorder]
 ) -> list[AsyncGenerator[StepOutput, None]]:
     """`open_generation` for several prompts at once; if one is refused, the others are closed (aborted)."""
     results = await asyncio.gather(

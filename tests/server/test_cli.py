@@ -4,16 +4,21 @@ on shutdown (stop accepting, let running requests finish within the grace period
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
 import pytest
+import torch
 import yaml
 
 from plm_serve.server import __main__ as cli
 from plm_serve.server import demo
 from plm_serve.server.app import create_app, drain
 from plm_serve.server.config import ServerConfig
+from plm_serve.server.flags import settings
 from tests.server.conftest import MODEL_NAME, chat_body
 from tests.server.fake_engine import FakeEngine
 
@@ -51,7 +56,7 @@ def test_flags_override_the_preset_which_overrides_defaults(tmp_path, model_dir)
     )
     assert cfg.engine is not None and cfg.engine.model == cfg.model == str(model_dir)
     assert (cfg.engine.max_num_seqs, cfg.engine.dtype) == (4, "bfloat16")  # flag beats preset
-    assert (cfg.host, cfg.port, cfg.max_image_bytes) == ("0.0.0.0", 9000, 10)
+    assert (cfg.host, cfg.port, cfg.media.max_image_bytes) == ("0.0.0.0", 9000, 10)
     assert cfg.engine.max_num_batched_tokens == 16384 and cfg.shutdown_grace_seconds == 30  # defaults
     assert cfg.model_name == model_dir.name
 
@@ -72,11 +77,81 @@ def test_api_key_from_flag_or_environment(model_dir):
     assert configs(["--model", str(model_dir)]).api_key is None
 
 
-def test_bad_settings_exit_with_a_message(tmp_path, model_dir):
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("max_num_sequences: 3\n", "unknown setting 'max_num_sequences'; did you mean 'max_num_seqs'"),
+        ("max_num_seqs: [1\n", r"p.yaml: .*\(line 2, column 1\)"),
+        ("- 1\n- 2\n", "expected a mapping of settings, got list"),
+        ("max_num_seqs: lots\n", "max_num_seqs must be an integer, got 'lots'"),
+        ("enable_prefix_caching: 1\n", "enable_prefix_caching must be true or false"),
+        ("dtype: fp8\n", "dtype='fp8': use one of auto, float32, bfloat16, float16"),
+        ("gpu_memory_utilization: .nan\n", "gpu_memory_utilization must be a finite number"),
+        ("engine: 3\n", "the `engine:` section must be a mapping"),
+        ("port: 70000\n", "port=70000: use 0..65535"),
+    ],
+)
+def test_preset_mistakes_exit_with_one_clear_line(tmp_path, model_dir, text, match):
     preset = tmp_path / "p.yaml"
-    preset.write_text("max_num_sequences: 3\n")
-    with pytest.raises(SystemExit, match="unknown setting"):
+    preset.write_text(text)
+    with pytest.raises(SystemExit, match=match):
         configs(["--model", str(model_dir), "--config", str(preset)])
+
+
+def test_a_missing_preset_names_the_shipped_ones(model_dir):
+    with pytest.raises(SystemExit, match=r"no such file, and no shipped preset .*plm-1b, plm-3b"):
+        configs(["--model", str(model_dir), "--config", "plm-2b"])
+
+
+def test_shipped_presets_load_by_name(model_dir):
+    cfg = configs(["--model", str(model_dir), "--config", "plm-1b"])
+    assert cfg.engine is not None and cfg.engine.dtype == "bfloat16"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given when there is no GPU")
+def test_device_cuda_without_a_gpu_exits_with_a_message(model_dir):
+    with pytest.raises(SystemExit, match="--device cuda: no CUDA device is available"):
+        configs(["--model", str(model_dir), "--device", "cuda"])
+
+
+def test_every_setting_is_a_documented_flag():
+    help_text = cli.build_parser().format_help()
+    for setting in settings().values():
+        assert setting.doc, f"{setting.name} has no docstring (it is the flag's help)"
+        assert setting.flag in help_text
+
+
+def test_help_and_version_import_neither_torch_nor_the_web_stack():
+    code = (
+        "import sys; from plm_serve.server.__main__ import build_parser; build_parser().format_help(); "
+        "heavy = {'torch', 'fastapi', 'plm_serve.engine.core'} & set(sys.modules); print(sorted(heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+    version = subprocess.run(
+        ["plm-serve", "--version"], capture_output=True, text=True, check=True, env=_path_env()
+    )
+    assert version.stdout.strip() == f"plm-serve {cli.VERSION}"
+
+
+def test_a_cli_mistake_is_one_line_on_stderr_without_a_traceback(tmp_path):
+    out = subprocess.run(
+        ["plm-serve", "--model", str(tmp_path), "--port", "1"],
+        capture_output=True,
+        text=True,
+        env=_path_env(),
+    )
+    assert out.returncode != 0
+    assert out.stderr.strip().count("\n") == 0 and "Traceback" not in out.stderr
+    assert "not a checkpoint folder" in out.stderr
+
+
+def _path_env() -> dict[str, str]:
+    """The environment with this interpreter's scripts folder (holding `plm-serve`) first on PATH."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def test_bad_settings_exit_with_a_message(tmp_path, model_dir):
     with pytest.raises(SystemExit, match="max_num_seqs"):
         configs(["--model", str(model_dir), "--max-num-seqs", "0"])
     with pytest.raises(SystemExit, match="allowed_local_media_path"):
@@ -102,7 +177,7 @@ def test_demo_checkpoint_is_built_once_per_version(tmp_path, monkeypatch):
 
 def test_no_model_serves_the_demo_and_says_its_weights_are_random(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(
-        cli, "ensure_demo_checkpoint", lambda root, version: as_checkpoint(root / f"demo-{version}")
+        demo, "ensure_demo_checkpoint", lambda root, version: as_checkpoint(root / f"demo-{version}")
     )
     with caplog.at_level("WARNING"):
         cfg = configs([], {"XDG_CACHE_HOME": str(tmp_path)})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from plm_serve.engine import EngineDeadError, RequestRejectedError
+from plm_serve.processors import MediaLimits
 from plm_serve.server.protocol import ErrorResponse
 from tests.server import media
 from tests.server.conftest import MODEL_NAME, chat_body
@@ -102,7 +103,7 @@ def test_oversized_bodies_are_413(make_client):
 
 
 def test_oversized_and_too_many_media_are_413(make_client):
-    client = make_client(max_image_bytes=1000, max_media_per_request=2)
+    client = make_client(media=MediaLimits(max_image_bytes=1000, max_media_per_request=2))
     big = media.data_url(media.png(256, 256, seed=3))  # a noisy PNG well over 1000 bytes
     content = [media.image_part(big), {"type": "text", "text": "?"}]
     assert_error(client.post("/v1/chat/completions", json=chat_body(content)), 413, code="media_too_large")
