@@ -107,7 +107,8 @@ def _timed_step(
     media = model.encode_media(model.normalize_pixels(pixels_u8))  # [tiles, 256, H]
     _sync(device)
     b = time.perf_counter()
-    embeds = model.merge_media(ids, model.embed_tokens(ids), media.flatten(0, 1))
+    is_media = (ids == model.config.image_token_id) | (ids == model.config.video_token_id)
+    embeds = model.embed_tokens(ids).masked_scatter(is_media[:, None], media.flatten(0, 1))
     positions = torch.arange(ids.shape[0], device=ids.device)
     hidden = model(embeds, positions, DenseCausalAttention([int(ids.shape[0])]))
     logits = model.compute_logits(hidden[-1:])

@@ -15,7 +15,8 @@ import torch
 from tokenizers import Tokenizer
 
 from plm_serve.engine.config import EngineConfig
-from plm_serve.engine.detokenizer import IncrementalDetokenizer
+from plm_serve.engine.detokenizer import IncrementalDetokenizer, TokenTexts
+from plm_serve.engine.errors import RequestRejectedError
 from plm_serve.engine.model_runner import ModelRunner, RunnerOutput, to_token_logprob
 from plm_serve.engine.request import EngineRequest, FinishReason, StepOutput
 from plm_serve.engine.scheduler import Scheduler, SchedulerOutput
@@ -81,6 +82,7 @@ class EngineCore:
             config.replace(max_model_len=self.max_model_len), num_blocks, set(self.eos_token_ids)
         )
         self.detokenizers: dict[int, IncrementalDetokenizer] = {}
+        self.token_texts = TokenTexts(tokenizer)  # logprob token texts, memoized
         self.stats = EngineStats(num_kv_blocks=num_blocks)
 
     @classmethod
@@ -97,8 +99,19 @@ class EngineCore:
 
     # ------------------------------------------------------------------------------------------- requests
     def add_request(self, request: EngineRequest) -> None:
+        self._check_media_rows(request)
         self.scheduler.add_request(request)  # raises RequestRejectedError for requests that can never run
         self._refresh_gauges()
+
+    def _check_media_rows(self, request: EngineRequest) -> None:
+        """Each media item needs one embedding row per placeholder: tiles x the model's tokens per tile."""
+        per_tile = self.runner.model.config.tokens_per_tile
+        for i, item in enumerate(request.mm_inputs):
+            if item.length != item.num_tiles * per_tile:
+                raise RequestRejectedError(
+                    f"media item {i} has {item.length} placeholders for {item.num_tiles} tiles, but this model "
+                    f"makes {per_tile} embeddings per tile (processor and model configs disagree?)"
+                )
 
     def abort_request(self, request_id: str) -> list[StepOutput]:
         """Drop a request everywhere; returns a final ABORT output per unfinished choice (empty if unknown)."""
@@ -146,15 +159,12 @@ class EngineCore:
             del self.detokenizers[seq.seq_id]
         logprobs = None
         if seq.sampling.logprobs is not None and seq.seq_id in result.logprobs:
-            logprobs = [to_token_logprob(self._token_text, token, result.logprobs[seq.seq_id])]
+            logprobs = [to_token_logprob(self.token_texts, token, result.logprobs[seq.seq_id])]
         out = self._output(seq, text, [token], seq.finish_reason)
         out.logprobs = logprobs
         if seq.num_output_tokens == 1 and seq.first_scheduled_time is not None:
             out.queue_time_s = max(0.0, seq.first_scheduled_time - seq.arrival_time)
         return out
-
-    def _token_text(self, token_id: int) -> str:
-        return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
     def _output(self, seq: Sequence, text: str, tokens: list[int], reason: FinishReason | None) -> StepOutput:
         return StepOutput(

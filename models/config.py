@@ -253,16 +253,40 @@ class PixelConfig:
 
     @classmethod
     def from_folder(cls, folder: Path) -> PixelConfig:
-        """From `processor_config.json["image_processor"]` (5.x) or `preprocessor_config.json` (4.x)."""
-        proc = folder / "processor_config.json"
-        if proc.is_file():
-            d = json.loads(proc.read_text())
-            if isinstance(d.get("image_processor"), dict):
-                return cls.from_dict(d["image_processor"])
-        pre = folder / "preprocessor_config.json"
-        if pre.is_file():
-            return cls.from_dict(json.loads(pre.read_text()))
-        return cls()
+        """From `processor_config.json` (5.x: its `image_processor` / `video_processor`) or the 4.x files
+        `preprocessor_config.json` / `video_preprocessor_config.json`.
+
+        The model normalises image tiles and video frames alike on the device, so a checkpoint whose video
+        processor normalises differently is refused here rather than served with wrong pixels (the released
+        checkpoints use (x - 127.5) / 127.5 for both).
+        """
+        image, video = _processor_dicts(folder)
+        pixel = cls.from_dict(image) if image is not None else cls()
+        if video is not None and cls.from_dict(video) != pixel:
+            raise ValueError(
+                f"{folder}: the video processor normalises frames differently from the image processor "
+                f"({cls.from_dict(video)} vs {pixel}); plm-serve applies one normalisation to both"
+            )
+        return pixel
+
+
+def _processor_dicts(folder: Path) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """(image processor dict, video processor dict) of a checkpoint folder, None where absent."""
+    found: dict[str, dict[str, Any] | None] = {"image_processor": None, "video_processor": None}
+    proc = folder / "processor_config.json"
+    if proc.is_file():
+        d = json.loads(proc.read_text())
+        for key in found:
+            if isinstance(d.get(key), dict):
+                found[key] = d[key]
+    for key, name in (
+        ("image_processor", "preprocessor_config.json"),
+        ("video_processor", "video_preprocessor_config.json"),
+    ):
+        path = folder / name
+        if found[key] is None and path.is_file():
+            found[key] = json.loads(path.read_text())
+    return found["image_processor"], found["video_processor"]
 
 
 def _ids(v: int | list[int] | tuple[int, ...] | None) -> tuple[int, ...]:

@@ -9,7 +9,7 @@ is a parameter name here (the loader is an identity mapping):
     lm_head.weight                    (tied to the embedding when tie_word_embeddings)
 
 The engine drives the pieces separately: `normalize_pixels` + `encode_media` per batch of tiles,
-`embed_tokens` + `merge_media` per step, `forward` on a flattened batch with its own `Attention`, then
+`embed_tokens` per step (the engine scatters media rows itself), `forward` on a flattened batch with its own `Attention`, then
 `compute_logits` on the rows it samples. `logits_for_prompt` chains them for one prompt, like calling the
 transformers model.
 """
@@ -112,20 +112,6 @@ class PerceptionLM(nn.Module):
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [T] -> [T, H]."""
         return self.model.language_model.embed_tokens(input_ids)
-
-    def media_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """[T] bool: positions holding an `<|image|>` or `<|video|>` placeholder."""
-        return (input_ids == self.config.image_token_id) | (input_ids == self.config.video_token_id)
-
-    def merge_media(
-        self, input_ids: torch.Tensor, embeds: torch.Tensor, media_embeds: torch.Tensor
-    ) -> torch.Tensor:
-        """Replace the placeholder rows of `embeds` [T, H], in order, by `media_embeds` [M, H].
-
-        The caller orders `media_embeds` by placeholder position. Raises ValueError if M differs from the
-        number of placeholders (this reads the count on the host).
-        """
-        return _scatter_rows(self.media_mask(input_ids), embeds, media_embeds, "media")
 
     def forward(
         self, inputs_embeds: torch.Tensor, positions: torch.Tensor, attention: Attention

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from plm_serve.processors.assets import write_processor_files
+    from plm_serve.processors.byte_level import TokenBytes
     from plm_serve.processors.content import ImageInput, VideoInput
     from plm_serve.processors.errors import (
         CheckpointConfigError,
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 
 _EXPORTS = {
     "write_processor_files": "assets",
+    "TokenBytes": "byte_level",
     "ImageInput": "content",
     "VideoInput": "content",
     "CheckpointConfigError": "errors",
@@ -52,6 +54,7 @@ __all__ = [
     "Processor",
     "ProcessorError",
     "PromptTooLongError",
+    "TokenBytes",
     "VideoInput",
     "write_processor_files",
 ]

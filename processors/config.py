@@ -32,12 +32,6 @@ class ImageSettings:
     max_num_tiles: int = 36
     resample: int = 3
     do_convert_rgb: bool = True
-    # Normalization happens where the model runs (pixels travel as uint8); kept for hashing and introspection.
-    do_rescale: bool = True
-    rescale_factor: float = 1 / 255
-    do_normalize: bool = True
-    image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
-    image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
 
     @property
     def tiled(self) -> bool:
@@ -64,11 +58,6 @@ class VideoSettings:
     num_frames: int | None = None
     fps: float | None = None
     do_sample_frames: bool | None = None
-    do_rescale: bool = True
-    rescale_factor: float = 1 / 255
-    do_normalize: bool = True
-    image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
-    image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
 
     @property
     def mode(self) -> str:
@@ -164,18 +153,6 @@ def _resample(value: Any) -> int:
     return value
 
 
-def _floats(value: Any, default: tuple[float, ...], name: str) -> tuple[float, ...]:
-    if value is None:
-        return default
-    if isinstance(value, (int, float)):
-        return (float(value),) * 3
-    if isinstance(value, list) and len(value) == 3 and all(isinstance(v, (int, float)) for v in value):
-        return tuple(float(v) for v in value)
-    raise CheckpointConfigError(
-        f"processor setting {name} must be a number or a list of 3 numbers, got {value!r}"
-    )
-
-
 def _require_resize(d: dict[str, Any], kind: str) -> None:
     # Without a resize the tiles would have the image's own size; PLM's vision tower needs fixed 448² inputs.
     if d.get("do_resize", True) is False:
@@ -192,11 +169,6 @@ def _image_settings(d: dict[str, Any]) -> ImageSettings:
         max_num_tiles=_positive_int(d.get("max_num_tiles", 36), "max_num_tiles"),
         resample=_resample(d.get("resample")),
         do_convert_rgb=bool(d.get("do_convert_rgb", True)),
-        do_rescale=bool(d.get("do_rescale", True)),
-        rescale_factor=float(d.get("rescale_factor", 1 / 255)),
-        do_normalize=bool(d.get("do_normalize", True)),
-        image_mean=_floats(d.get("image_mean"), (0.5, 0.5, 0.5), "image_mean"),
-        image_std=_floats(d.get("image_std"), (0.5, 0.5, 0.5), "image_std"),
     )
 
 
@@ -227,9 +199,4 @@ def _video_settings(d: dict[str, Any]) -> VideoSettings:
         num_frames=_positive_int(num_frames, "num_frames") if num_frames is not None else None,
         fps=float(fps) if fps is not None else None,
         do_sample_frames=d.get("do_sample_frames"),
-        do_rescale=bool(d.get("do_rescale", True)),
-        rescale_factor=float(d.get("rescale_factor", 1 / 255)),
-        do_normalize=bool(d.get("do_normalize", True)),
-        image_mean=_floats(d.get("image_mean"), (0.5, 0.5, 0.5), "image_mean"),
-        image_std=_floats(d.get("image_std"), (0.5, 0.5, 0.5), "image_std"),
     )

@@ -92,7 +92,6 @@ class Processor:
         chat_template: str,
         settings: ProcessorSettings,
         limits: MediaLimits | None = None,
-        eos_token_ids: list[int] | None = None,
         resize_device: str | torch.device | None = None,
     ) -> None:
         self.tokenizer = tokenizer
@@ -105,11 +104,6 @@ class Processor:
         self.bos_token_id = (
             tokenizer.token_to_id(tokenizer_config.bos_token) if tokenizer_config.bos_token else None
         )
-        eos = tokenizer.token_to_id(tokenizer_config.eos_token) if tokenizer_config.eos_token else None
-        self.eos_token_ids = list(
-            dict.fromkeys([*(eos_token_ids or []), *([eos] if eos is not None else [])])
-        )
-        self.model_max_length = tokenizer_config.model_max_length
         # Where tiles are resized; None: the CPU (bit-exact with transformers on the CPU). Pixels stay there.
         self.resize_device = torch.device(resize_device) if resize_device is not None else None
         self._fingerprint = settings.fingerprint()
@@ -128,7 +122,6 @@ class Processor:
             chat_template=load_chat_template(folder, tokenizer_config.raw),
             settings=settings,
             limits=limits,
-            eos_token_ids=_eos_ids_from_configs(folder),
             resize_device=resize_device,
         )
 
@@ -333,22 +326,3 @@ def _too_long(num_tokens: int, limit: int, plans: list[_Plan]) -> PromptTooLongE
         + "."
     )
     return PromptTooLongError(message, num_tokens=num_tokens, limit=limit)
-
-
-def _eos_ids_from_configs(folder: Path) -> list[int]:
-    """EOS ids generation stops on: generation_config.json, then config.json (top level or text_config)."""
-    ids: list[int] = []
-    for name in ("generation_config.json", "config.json"):
-        path = folder / name
-        if not path.is_file():
-            continue
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        for source in (data, data.get("text_config") or {}):
-            value = source.get("eos_token_id") if isinstance(source, dict) else None
-            for v in value if isinstance(value, list) else [value]:
-                if isinstance(v, int) and not isinstance(v, bool):
-                    ids.append(v)
-    return list(dict.fromkeys(ids))

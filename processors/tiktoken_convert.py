@@ -18,6 +18,8 @@ from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
+from plm_serve.processors.byte_level import byte_alphabet
+
 # Llama 3's pre-tokenizer split pattern (llama_models/llama3/tokenizer.py `pat_str`).
 LLAMA3_SPLIT_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -37,26 +39,6 @@ def read_tiktoken_ranks(path: str | Path) -> dict[bytes, int]:
         except ValueError as e:
             raise ValueError(f"{path}:{line_no}: not a tiktoken line: {line[:80]!r}") from e
     return ranks
-
-
-def byte_alphabet() -> list[str]:
-    """The byte-level alphabet: printable Latin-1 bytes stand for themselves; the other 68 bytes (controls,
-    space, DEL, NBSP, soft hyphen) move to U+0100 and up, in byte order. Every token becomes printable."""
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    keep = set(printable)
-    alphabet: list[str] = []
-    moved = 0
-    for byte in range(256):
-        if byte in keep:
-            alphabet.append(chr(byte))
-        else:
-            alphabet.append(chr(256 + moved))
-            moved += 1
-    return alphabet
 
 
 def recover_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:

@@ -23,7 +23,6 @@ class TokenizerConfig:
     unk_token: str | None = None
     image_token: str = "<|image|>"
     video_token: str = "<|video|>"
-    model_max_length: int | None = None
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def template_tokens(self) -> dict[str, str]:
@@ -54,7 +53,6 @@ def load_tokenizer_config(folder: Path) -> TokenizerConfig:
     extra = raw.get("extra_special_tokens")
     extra = extra if isinstance(extra, dict) else {}
     defaults = TokenizerConfig()
-    max_len = raw.get("model_max_length")
     return TokenizerConfig(
         bos_token=_token(raw.get("bos_token")) if "bos_token" in raw else defaults.bos_token,
         eos_token=_token(raw.get("eos_token")) if "eos_token" in raw else defaults.eos_token,
@@ -66,8 +64,6 @@ def load_tokenizer_config(folder: Path) -> TokenizerConfig:
         video_token=_token(raw.get("video_token"))
         or _token(extra.get("video_token"))
         or defaults.video_token,
-        # transformers writes a huge sentinel (1e30) when a tokenizer has no limit
-        model_max_length=int(max_len) if isinstance(max_len, (int, float)) and max_len < 1e9 else None,
         raw=raw,
     )
 

@@ -21,11 +21,11 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
 from plm_serve.engine import EngineClient, EngineRequest, MMInput, SamplingParams, StepOutput
-from plm_serve.processors import ImageInput, ProcessedPrompt, VideoInput
+from plm_serve.processors import ImageInput, ProcessedPrompt, TokenBytes, VideoInput
 from plm_serve.server import sse
 from plm_serve.server.deps import ServerContext
 from plm_serve.server.errors import APIError, bad_request
-from plm_serve.server.logprobs import TokenBytes, chat_logprobs
+from plm_serve.server.logprobs import chat_logprobs
 from plm_serve.server.metrics import RequestRecorder
 from plm_serve.server.protocol import (
     AssistantMessage,

@@ -14,10 +14,9 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from plm_serve.engine import EngineClient
-from plm_serve.processors import Processor
+from plm_serve.processors import Processor, TokenBytes
 from plm_serve.server.config import ServerConfig
 from plm_serve.server.errors import APIError, service_unavailable
-from plm_serve.server.logprobs import TokenBytes
 from plm_serve.server.media_fetch import MediaFetcher
 from plm_serve.server.metrics import ServerMetrics
 

@@ -3,51 +3,13 @@ and legacy completions (parallel `tokens` / `token_logprobs` / `top_logprobs` / 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from plm_serve.server.protocol import CompletionLogprobs, TokenLogprobOut, TopLogprob
 
 if TYPE_CHECKING:
     from plm_serve.engine import TokenLogprob
-
-
-def _byte_decoder() -> dict[str, int]:
-    """Inverse of byte-level BPE's byte -> printable-character table (Llama-3's tokenizer is byte-level)."""
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    table = {chr(b): b for b in printable}
-    shifted = 0
-    for b in range(256):
-        if b not in printable:
-            table[chr(256 + shifted)] = b
-            shifted += 1
-    return table
-
-
-class TokenBytes:
-    """Exact UTF-8 bytes of a token, which is what OpenAI's `bytes` field is for: a token that ends inside a
-    multi-byte character has text with U+FFFD, but its bytes let a client reassemble the character."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        self.decoder = _byte_decoder()
-        self.cache: dict[int, list[int]] = {}
-
-    def __call__(self, token_id: int, text: str) -> list[int]:
-        cached = self.cache.get(token_id)
-        if cached is None:
-            cached = self.cache[token_id] = self._lookup(token_id, text)
-        return cached
-
-    def _lookup(self, token_id: int, text: str) -> list[int]:
-        id_to_token = getattr(self.tokenizer, "id_to_token", None)
-        piece = id_to_token(token_id) if id_to_token is not None else None
-        if piece and all(c in self.decoder for c in piece):
-            return [self.decoder[c] for c in piece]
-        return list(text.encode("utf-8"))
+    from plm_serve.processors import TokenBytes
 
 
 def chat_logprobs(logprobs: list[TokenLogprob], token_bytes: TokenBytes) -> list[TokenLogprobOut]:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from plm_serve.engine import EngineConfig, EngineCore, FinishReason
+from plm_serve.engine import EngineConfig, EngineCore, FinishReason, RequestRejectedError
 from tests import reference
 from tests.engine import engine_fixtures as fx
 
@@ -229,3 +231,14 @@ def test_a_prompt_with_more_media_than_the_encoder_cache_holds(ckpt_l, processor
     got = run_all(core, {0: [fx.request(prompt, "many", max_tokens=6, min_tokens=6)]})
     assert got["many"] == fx.hf_greedy(reference.load_hf_model(ckpt_l), prompt, 6)
     assert core.stats.num_encoded_tiles == 40
+
+
+def test_media_placeholders_are_checked_against_the_models_tokens_per_tile(ckpt_l, prompts_l):
+    core = make_core(ckpt_l)
+    image = next(p for p in prompts_l if p.name == "image")
+    req = fx.request(image, "short", max_tokens=2)
+    item = req.mm_inputs[0]
+    req.mm_inputs = [dataclasses.replace(item, length=item.length - 1)]
+    with pytest.raises(RequestRejectedError, match="embeddings per tile"):
+        core.add_request(req)
+    assert not core.has_unfinished()

@@ -81,6 +81,20 @@ def test_pixel_config_from_4x_preprocessor_file(tmp_path: Path, ckpt_l: Path) ->
     assert torch.allclose(model.normalize_pixels(pixels), expected, atol=1e-6)
 
 
+def test_a_video_normalisation_unlike_the_image_one_is_refused(tmp_path: Path, ckpt_l: Path) -> None:
+    (tmp_path / "config.json").write_text((ckpt_l / "config.json").read_text())
+    same = {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+    proc = {"image_processor": same, "video_processor": same}
+    (tmp_path / "processor_config.json").write_text(json.dumps(proc))
+    assert PLMConfig.from_pretrained(tmp_path).pixel == PixelConfig()
+    (tmp_path / "video_preprocessor_config.json").write_text(json.dumps({"image_mean": 0.4}))  # 4.x file
+    assert PLMConfig.from_pretrained(tmp_path).pixel == PixelConfig()  # the 5.x entry wins
+    proc["video_processor"] = {"image_mean": [0.4, 0.4, 0.4]}
+    (tmp_path / "processor_config.json").write_text(json.dumps(proc))
+    with pytest.raises(ValueError, match="normalises frames differently"):
+        PLMConfig.from_pretrained(tmp_path)
+
+
 def test_unknown_architecture_and_options_are_rejected(ckpt_l: Path) -> None:
     d = json.loads((ckpt_l / "config.json").read_text())
     bad = copy.deepcopy(d)

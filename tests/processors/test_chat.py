@@ -187,12 +187,10 @@ def test_process_prompt_matches_tokenizer(processor, hf_processor) -> None:
     assert processor.process_prompt("Hello world").token_ids == [128000, 9906, 1917]
 
 
-def test_decode_and_eos(processor) -> None:
+def test_decode(processor) -> None:
     ids = processor.process_prompt("Hello world, ünïcode ✓").token_ids
     assert processor.decode(ids) == "Hello world, ünïcode ✓"
     assert processor.decode(ids, skip_special_tokens=False).startswith("<|begin_of_text|>")
-    assert processor.eos_token_ids == [128001, 128009]
-    assert processor.model_max_length == 11520
     assert processor.tokenizer.get_vocab_size() == 128256
 
 

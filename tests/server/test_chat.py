@@ -245,7 +245,7 @@ def test_models_version_health_metrics(client):
 
 
 def test_token_bytes_cover_partial_utf8(processor):
-    from plm_serve.server.logprobs import TokenBytes
+    from plm_serve.processors import TokenBytes
 
     token_bytes = TokenBytes(processor.tokenizer)
     ids = processor.tokenizer.encode("日本", add_special_tokens=False).ids
