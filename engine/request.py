@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 
-class FinishReason(str, enum.Enum):
+class FinishReason(enum.StrEnum):
     STOP = "stop"  # an EOS/stop token or a stop string
     LENGTH = "length"  # max_tokens or the context length
     ABORT = "abort"  # aborted by the caller (client gone) or by shutdown

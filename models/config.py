@@ -3,7 +3,7 @@
 `config.json` is read exactly as transformers writes it, in both the 4.x form (`text_config.rope_theta` +
 `rope_scaling`) and the 5.x form (`text_config.rope_parameters`). Missing keys take the defaults of the
 transformers classes (`LlamaConfig`, `PerceptionLMConfig`). The vision tower is described by a timm
-architecture name plus `model_args` overrides (perception-lm.md §3.1); the arch defaults live in
+architecture name plus `model_args` overrides (docs/checkpoint-format.md); the arch defaults live in
 `VISION_ARCHS` below. EOS ids come from `generation_config.json` (falling back to the text config), and the
 pixel normalization from the processor files.
 """

@@ -3,7 +3,7 @@
 Loading never holds a full fp32 copy of the weights in host memory: the model is built on the meta device
 (shapes only), then each safetensors tensor is read (memory-mapped) straight onto the target device, cast to
 the target dtype there, and assigned as the parameter. Checkpoint names are the module's own parameter names
-(perception-lm.md §10), so there is no rename table; the only special case is the tied `lm_head.weight`, which
+(docs/checkpoint-format.md), so there is no rename table; the only special case is the tied `lm_head.weight`, which
 tied checkpoints omit (and which is ignored if present, as transformers re-ties it).
 
 Meta's `original/` folder (consolidated.pth, params.json) is never read: only `model.safetensors`, or the

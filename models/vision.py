@@ -6,7 +6,7 @@ Each block is pre-norm: x += gamma_1 * attn(norm1(x)); x += gamma_2 * mlp(norm2(
 fused qkv with bias, 2D RoPE on patch tokens only, and no mask. The output is the last block's (PLM ships
 truncated towers: every block in the checkpoint is used, and there is no post-norm). Module and parameter
 names match timm, so the checkpoint tensors `model.vision_tower.timm_model.*` load one-to-one
-(perception-lm.md §3, §10).
+(docs/checkpoint-format.md).
 """
 
 from __future__ import annotations

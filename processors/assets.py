@@ -41,7 +41,7 @@ _NORMALIZE = {
 
 
 def processor_config(max_num_tiles: int = 36) -> dict[str, Any]:
-    """processor_config.json of PLM as transformers 5.x saves it (perception-lm.md §7.1, §8)."""
+    """processor_config.json of PLM as transformers 5.x saves it (docs/checkpoint-format.md)."""
     return {
         "image_processor": {
             **_NORMALIZE,

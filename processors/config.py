@@ -4,7 +4,7 @@ transformers >= 5 writes one `processor_config.json` holding `image_processor` a
 next to `patch_size` / `pooling_ratio`; 4.5x writes `preprocessor_config.json` (image),
 `video_preprocessor_config.json` and a `processor_config.json` with only `patch_size` / `pooling_ratio`.
 Missing keys take the class defaults of `PerceptionLMImageProcessor` / `PerceptionLMVideoProcessor`
-(perception-lm.md §7.1, §8).
+(docs/checkpoint-format.md).
 """
 
 from __future__ import annotations

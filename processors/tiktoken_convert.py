@@ -96,7 +96,7 @@ def build_tokenizer(
 
 
 def plm_special_tokens() -> list[str]:
-    """PLM's 256 added tokens, ids 128000..128255 (perception-lm.md §9.2)."""
+    """PLM's 256 added tokens, ids 128000..128255 (docs/checkpoint-format.md, prompt format)."""
     named = {
         0: "<|begin_of_text|>",
         1: "<|end_of_text|>",

@@ -1,13 +1,13 @@
 """Thumbnail + tile grid of PerceptionLM images, on uint8 tensors.
 
 The grid rule is transformers' `PerceptionLMImageProcessor` (a Llama-3.2-Vision style canvas choice), see
-perception-lm.md §7.2: among all n_w×n_h grids with at most `max_num_tiles` tiles, take the canvas that covers
+docs/checkpoint-format.md (images): among all n_w×n_h grids with at most `max_num_tiles` tiles, take the canvas that covers
 the image and lets its aspect-preserving fit grow the most (so small images are *upscaled* to the biggest
 fitting canvas); if no canvas covers the image, take the grid of the closest aspect ratio. The image is then
 stretched (no padding) to that canvas and cut into tiles, row-major, after a 448² thumbnail of the whole
 image.
 
-Resizing mirrors torchvision v2's `resize` on uint8 tensors, which is what transformers calls (§7.3): on the
+Resizing mirrors torchvision v2's `resize` on uint8 tensors, which is what transformers calls: on the
 CPU a native uint8 antialiased kernel for bicubic/lanczos (and bilinear on AVX2/ARM), otherwise float
 interpolation, clamp (bicubic/lanczos overshoot) and round. The native kernel is separable and keeps every
 channel independent, so feeding it a 4-channel channels-last RGBX tensor gives the same RGB values as

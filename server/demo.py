@@ -13,11 +13,19 @@ from pathlib import Path
 
 from plm_serve.engine import write_demo_model
 from plm_serve.processors import write_processor_files
+from plm_serve.server.version import VERSION
 
 logger = logging.getLogger(__name__)
 
 _MARKER = ".complete"
 DEMO_SEED = 0
+
+
+def demo_checkpoint(cache_root: Path | None = None) -> Path:
+    """The demo checkpoint of this version, built on first use under `cache_root` (default ~/.cache/plm-serve).
+
+    For the offline API: `LLM(model=demo_checkpoint())` runs anywhere, like the server without --model."""
+    return ensure_demo_checkpoint(cache_root or Path.home() / ".cache" / "plm-serve", VERSION)
 
 
 def ensure_demo_checkpoint(cache_root: Path, version: str) -> Path:

@@ -1,7 +1,7 @@
 """Tiny random-weight PerceptionLM checkpoints built with transformers + timm: the reference we compare against.
 
 Nothing here is downloaded: timm builds the vision tower with `pretrained=False`, and the Llama-3 tokenizer comes
-from the `llama-models` package (perception-lm.md §14). Checkpoints are saved with `save_pretrained` into a cache
+from the `llama-models` package (docs/checkpoint-format.md, the demo checkpoint). Checkpoints are saved with `save_pretrained` into a cache
 folder outside the repository, keyed by the variant and the transformers version, so the slow build runs once.
 """
 
@@ -20,7 +20,7 @@ import torch
 IMAGE_TOKEN_ID = 128002
 VIDEO_TOKEN_ID = 128003
 
-# The PLM chat template (HF convert_perception_lm_weights_to_hf.py CHAT_TEMPLATE), see perception-lm.md §9.3.
+# The PLM chat template (HF convert_perception_lm_weights_to_hf.py CHAT_TEMPLATE); docs/checkpoint-format.md describes it.
 CHAT_TEMPLATE = (
     "{{- bos_token }}"
     "{%- if messages[0]['role'] == 'system' -%}"
@@ -89,7 +89,7 @@ def llama3_tiktoken_file() -> Path:
 
 
 def special_tokens() -> list[str]:
-    """The 256 added tokens 128000..128255 in id order (perception-lm.md §9.2)."""
+    """The 256 added tokens 128000..128255 in id order (docs/checkpoint-format.md)."""
     named = {
         0: "<|begin_of_text|>",
         1: "<|end_of_text|>",

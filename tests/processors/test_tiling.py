@@ -54,7 +54,7 @@ def test_token_counts_match_reference_processor(processor, hf_processor) -> None
     assert ours == theirs
 
 
-# perception-lm.md §7.4 (max_num_tiles = 36)
+# Grids transformers picks with max_num_tiles = 36 (measured with its image processor)
 TABLE = {
     (448, 448): 9472, (224, 224): 9472, (2048, 2048): 9472, (640, 480): 9216, (1024, 768): 9216,
     (768, 1024): 9216, (1920, 1080): 8448, (1080, 1920): 8448, (300, 2000): 7424, (2000, 300): 7424,

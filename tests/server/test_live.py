@@ -29,6 +29,7 @@ from plm_serve.processors import ImageInput, Processor, VideoInput
 from plm_serve.server.app import create_app
 from plm_serve.server.config import ServerConfig
 from tests.server import media
+from tests.server.live_server import free_port, wait_healthy
 
 MODEL = "plm-tiny"
 ENGINE_ARGS = {"device": "cpu", "dtype": "float32", "num_kv_blocks": 1024, "max_num_batched_tokens": 4096}
@@ -46,18 +47,6 @@ class Live:
 
     def async_client(self) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(base_url=f"{self.base_url}/v1", api_key="unused", max_retries=0)
-
-
-def wait_healthy(base_url: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{base_url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
-    raise TimeoutError(f"{base_url} did not become healthy in {timeout_s}s")
 
 
 @pytest.fixture(scope="module")
@@ -297,12 +286,6 @@ def test_errors_through_the_live_server_then_it_still_answers(live):
     assert "plm_num_kv_blocks 1024.0" in metrics and "plm_internal_errors_total 0.0" in metrics
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_cli_serves_the_demo_model_and_drains_on_sigterm(tmp_path):
     """The README's first command, as a user runs it: no --model, then SIGTERM during a long stream."""
     port = free_port()
@@ -312,7 +295,7 @@ def test_cli_serves_the_demo_model_and_drains_on_sigterm(tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "server",
+        "plm_serve.server",
         "--port",
         str(port),
         "--device",
