@@ -75,10 +75,6 @@ class BlockManager:
         """Fraction of the pool held by sequences (cached-free blocks count as free)."""
         return self.num_used_blocks / self.num_blocks
 
-    @property
-    def hit_rate(self) -> float:
-        return self.hits / self.queries if self.queries else 0.0
-
     def free_queue(self) -> list[int]:
         """The free block ids in eviction order (head first). For tests and debugging."""
         return list(self._free)

@@ -53,7 +53,6 @@ class IncrementalDetokenizer:
         self._pending = ""  # decoded text held back for the stop-string check
         self.text = ""
         self.stopped = False
-        self.matched_stop: str | None = None
 
     def add(self, new_token_ids: Sequence[int]) -> str:
         """Feed new output tokens; return the newly emittable text (possibly "")."""
@@ -110,7 +109,7 @@ class IncrementalDetokenizer:
         pending = self._pending + delta
         cut = _first_match(pending, self._stop)
         if cut is not None:
-            index, self.matched_stop = cut
+            index, _ = cut
             out, self._pending, self.stopped = pending[:index], "", True
         else:
             hold = 0 if final else _longest_stop_prefix(pending, self._stop, self._max_hold)

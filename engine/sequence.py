@@ -80,10 +80,6 @@ class Sequence:
         return self.token_ids[: self.num_prompt_tokens]
 
     @property
-    def is_finished(self) -> bool:
-        return self.status is SequenceStatus.FINISHED
-
-    @property
     def is_prefill(self) -> bool:
         """More than one token left to compute (the prompt, or everything after a preemption)."""
         return self.num_tokens - self.num_computed_tokens > 1
