@@ -14,7 +14,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
 from plm_serve.engine.config import EngineConfig
@@ -62,7 +62,7 @@ class AsyncEngine:
     def stats(self) -> EngineStats:
         return self.core.stats
 
-    async def generate(self, request: EngineRequest) -> AsyncIterator[StepOutput]:
+    async def generate(self, request: EngineRequest) -> AsyncGenerator[StepOutput, None]:
         """Stream the request's outputs (every choice); ends when all choices finished."""
         self._check_can_accept()
         if not request.arrival_time:

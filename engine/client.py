@@ -6,7 +6,7 @@ it, so a test double (tests/server/fake_engine.py) or a later engine in another 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -25,7 +25,7 @@ class EngineClient(Protocol):
         """False once the engine loop died: the server answers 503 and an orchestrator should restart it."""
         ...
 
-    def generate(self, request: EngineRequest) -> AsyncIterator[StepOutput]:
+    def generate(self, request: EngineRequest) -> AsyncGenerator[StepOutput, None]:
         """Submit a request and stream its outputs (every choice) until all choices finished.
 
         Raises EngineOverloadedError (queue full), EngineDeadError (not running) or RequestRejectedError.

@@ -101,6 +101,7 @@ def _pick(value: Any, path: Path) -> str:
         return value
     if isinstance(value, list):
         named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
-        if isinstance(named.get("default"), str):
-            return named["default"]
+        default = named.get("default")
+        if isinstance(default, str):
+            return default
     raise CheckpointConfigError(f"{path}: chat_template must be a string or a list with a 'default' entry")

@@ -119,10 +119,16 @@ def resize_uint8(image: torch.Tensor, height: int, width: int, mode: str) -> tor
     if tuple(image.shape[-2:]) == (height, width):
         return image
     antialias = mode in ("bilinear", "bicubic", "lanczos")
-    kwargs = {"mode": mode, "antialias": antialias, "align_corners": False if antialias else None}
+    resize = functools.partial(
+        F.interpolate,
+        size=(height, width),
+        mode=mode,
+        antialias=antialias,
+        align_corners=False if antialias else None,
+    )
     if _native_uint8(mode, image.device):
-        return F.interpolate(image, size=(height, width), **kwargs)
-    out = F.interpolate(image[:, :3].contiguous().float(), size=(height, width), **kwargs)
+        return resize(image)
+    out = resize(image[:, :3].contiguous().float())
     if mode in ("bicubic", "lanczos"):
         out.clamp_(0, 255)  # cubic overshoot; bilinear cannot leave [0, 255]
     return out.round_().to(torch.uint8)

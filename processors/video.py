@@ -250,6 +250,7 @@ def _decode(probed: ProbedVideo, targets: list[int], settings: VideoSettings, *,
     container = _open(probed.data)
     try:
         stream = container.streams[probed.stream_index]
+        assert isinstance(stream, av.video.stream.VideoStream)  # probing picked a video stream
         stream.thread_type = "AUTO"  # frame/slice threads: decoding dominates for long videos
         frames = _frames(container, stream)
         use_pts = bool(probed.times)
@@ -290,6 +291,7 @@ def _decode(probed: ProbedVideo, targets: list[int], settings: VideoSettings, *,
         if j < len(targets) and prev is None:
             raise MediaDecodeError("no frame of the video could be decoded")
         while j < len(targets):  # targets after the last frame's timestamp show the last frame
+            assert prev is not None  # checked above
             _emit(out, j, prev, emitted, settings)
             emitted = prev
             j += 1

@@ -80,7 +80,7 @@ def settings() -> dict[str, Setting]:
                 continue
             assert f.name not in out, f"setting {f.name} is defined twice"
             kind, optional, choices = _kind(hints[f.name])
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc,operator]
             out[f.name] = Setting(f.name, group, kind, optional, choices, default, docs.get(f.name, ""))
     return out
 
