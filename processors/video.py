@@ -249,8 +249,7 @@ def _decode(probed: ProbedVideo, targets: list[int], settings: VideoSettings, *,
     out = torch.empty((len(targets), 3, out_h, out_w), dtype=torch.uint8)
     container = _open(probed.data)
     try:
-        stream = container.streams[probed.stream_index]
-        assert isinstance(stream, av.video.stream.VideoStream)  # probing picked a video stream
+        stream = next(s for s in container.streams.video if s.index == probed.stream_index)
         stream.thread_type = "AUTO"  # frame/slice threads: decoding dominates for long videos
         frames = _frames(container, stream)
         use_pts = bool(probed.times)
