@@ -9,28 +9,41 @@
 On CUDA tensors each is one Triton kernel (`models.triton_ops`) instead of 2-5 eager launches; the kernels keep
 the reference's roundings (each intermediate the reference rounds to bf16 is rounded there too). Anywhere else
 (the CPU, or without Triton) the torch code below runs: it is the definition, bit-identical to the unfused
-modules. `set_triton_enabled(False)` forces the torch code on CUDA too (a process-wide switch for comparisons).
+modules. `kernel_mode` switches this process-wide: "torch" forces the definitions on CUDA too (comparisons),
+"triton" sends every tensor through the kernels (CPU tensors then need Triton's interpreter: tests, the tiny
+benchmark).
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 
 from plm_serve.models.triton_support import triton_importable
 
-_triton_enabled = True
+KERNEL_MODES = ("auto", "torch", "triton")
+_mode = "auto"
 
 
-def set_triton_enabled(enabled: bool) -> None:
-    """Use the Triton kernels for CUDA tensors (default) or the torch definitions everywhere."""
-    global _triton_enabled
-    _triton_enabled = enabled
+@contextlib.contextmanager
+def kernel_mode(mode: str) -> Iterator[None]:
+    """Inside: "auto" (Triton for CUDA tensors, the default), "torch" (never Triton) or "triton" (always)."""
+    global _mode
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"kernel mode must be one of {KERNEL_MODES}, got {mode!r}")
+    previous, _mode = _mode, mode
+    try:
+        yield
+    finally:
+        _mode = previous
 
 
 def _kernels(x: torch.Tensor):  # type: ignore[no-untyped-def]
     """The Triton kernel module when `x` should go through it, else None."""
-    if not (_triton_enabled and x.is_cuda and triton_importable()):
+    if _mode == "torch" or not triton_importable() or (_mode == "auto" and not x.is_cuda):
         return None
     from plm_serve.models import triton_ops
 

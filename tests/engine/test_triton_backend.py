@@ -128,14 +128,13 @@ def _generate(
     return tokens, torch.cat(all_logits)
 
 
-def test_greedy_generation_matches_the_torch_backend(ckpt_l: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_greedy_generation_matches_the_torch_backend(ckpt_l: Path) -> None:
     """The whole CUDA path (Triton attention with fused RoPE, Triton norms and silu * mul) against torch."""
     model = load_model(ckpt_l, device=DEVICE)
     prompts = [list(range(1000, 1019)), [128000, 42, 4242, 9, 77]]
-    ref_tokens, ref_logits = _generate(model, "torch", prompts, 4)
-    from plm_serve.models import triton_ops
-
-    monkeypatch.setattr(fused_ops, "_kernels", lambda x: triton_ops)
-    tokens, logits = _generate(model, "triton", prompts, 4)
+    with fused_ops.kernel_mode("torch"):
+        ref_tokens, ref_logits = _generate(model, "torch", prompts, 4)
+    with fused_ops.kernel_mode("triton"):
+        tokens, logits = _generate(model, "triton", prompts, 4)
     assert tokens == ref_tokens
     assert (logits - ref_logits).abs().max().item() <= 1e-4

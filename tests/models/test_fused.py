@@ -82,12 +82,22 @@ def test_silu_mul_kernel_matches_its_definition(dtype: torch.dtype) -> None:
 
 
 @torch.inference_mode()
-def test_decoder_through_the_fused_kernels(ckpt_l: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_decoder_through_the_fused_kernels(ckpt_l: Path) -> None:
     """The whole tiny decoder with every fused op on its Triton kernel: same logits as the torch path (fp32)."""
     model = load_model(ckpt_l, device=DEVICE)
     ids = torch.tensor([128000, *range(500, 530)], device=DEVICE)
-    want = model.logits_for_prompt(ids)
-    monkeypatch.setattr(fused_ops, "_kernels", lambda x: _triton_ops())
-    got = model.logits_for_prompt(ids)
+    with fused_ops.kernel_mode("torch"):
+        want = model.logits_for_prompt(ids)
+    with fused_ops.kernel_mode("triton"):
+        got = model.logits_for_prompt(ids)
     assert (got - want).abs().max().item() <= 1e-4
     assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_kernel_mode_is_checked_and_restored() -> None:
+    with pytest.raises(ValueError, match="kernel mode"), fused_ops.kernel_mode("cuda"):
+        pass
+    x = torch.randn(2, 3)
+    with fused_ops.kernel_mode("triton"):
+        assert fused_ops._kernels(x) is _triton_ops()
+    assert fused_ops._kernels(x) is None  # back to "auto": CPU tensors take the torch definitions
