@@ -160,7 +160,7 @@ def paged_prefill(
     out: torch.Tensor | None = None,
     block_m: int | None = None,
     block_n: int = 64,
-    num_warps: int = 4,
+    num_warps: int | None = None,
     num_stages: int = 2,
 ) -> torch.Tensor:
     """Causal attention of the step's T query rows q [T, Hq, D] (RoPE applied) over each sequence's paged K/V.
@@ -169,7 +169,8 @@ def paged_prefill(
     prefix and this step's K/V; block_tables [B, max_blocks] int32; context_lens [B] (cached + this step's
     tokens); query_start [B + 1] int32 (sequence i owns rows query_start[i] : query_start[i + 1]). Returns
     out [T, Hq, D] in q's dtype. `max_query_len` (a host int) only picks the tile height `block_m` (a power of
-    two >= 16 and >= G); the grid is (T // BLOCK_Q + B, Hkv), from shapes alone.
+    two >= 16 and >= G); the grid is (T // BLOCK_Q + B, Hkv), from shapes alone. `num_warps` defaults to 8 for
+    tiles of 64 x 128 and more (the fp32 accumulator alone is 64 registers a thread at 4 warps), else 4.
     """
     t, hq, d = q.shape
     _, page, hkv, _ = key_cache.shape
@@ -182,6 +183,8 @@ def paged_prefill(
     if block_m < max(16, g) or block_m & (block_m - 1):
         raise ValueError(f"block_m must be a power of two >= max(16, {g}), got {block_m}")
     block_q = block_m // g
+    block_d = max(16, next_power_of_2(d))
+    num_warps = num_warps or (8 if block_m * block_d >= 64 * 128 else 4)
     num_seqs = block_tables.shape[0]
     out = torch.empty_like(q) if out is None else out
     scale = d**-0.5 if scale is None else scale
@@ -206,7 +209,7 @@ def paged_prefill(
         BLOCK_M=block_m,
         BLOCK_Q=block_q,
         D=d,
-        BLOCK_D=max(16, next_power_of_2(d)),
+        BLOCK_D=block_d,
         PAGE=page,
         BLOCK_N=block_n,
         UPCAST=upcast_dots(q.dtype),
