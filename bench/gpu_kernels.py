@@ -10,8 +10,10 @@ Sections (each appends rows to one table, printed and written to DIR/gpu-kernels
   fp32 reference. `--sweep` adds tile-size / warp-count variants at B = 1 and 256.
 - prefill: `paged_prefill` for a 2k-token chunk over a cached 8k prefix (the continuation of a long image
   prompt) and an 8k prompt without prefix, TFLOP/s against the bf16 peak, the torch reference, bf16 error.
+- graph: the decode kernels captured in a CUDA graph and replayed after contexts and block tables changed in
+  place (equal to an eager call; skipped without CUDA).
 - fused: RMSNorm, residual-add + RMSNorm and silu*mul, Triton kernel vs the torch definition, at decode and
-  prefill token counts.
+  prefill token counts; RoPE + K/V store vs the torch ops, and whether bf16 results are bit-identical.
 - layer: one decoder layer's decode step at B = 256, ctx 2048 (1B shape): the full fast path (Triton attention,
   fused RoPE/store, fused norms) against the torch path, with the number of CUDA kernels each launches.
 
@@ -322,6 +324,91 @@ def section_fused(rows: list[Row], device: str, sizes: Sizes, sweep: bool) -> No
                         "reference_seconds": s_ref,
                     }
                 )
+        rows.append(_rope_store_row(shape, device, sizes))
+
+
+def _rope_store_row(shape: Shape, device: str, sizes: Sizes) -> Row:
+    """RoPE of q and k + the K/V write for one decode step (T = layer_batch rows), kernel vs torch ops."""
+    from plm_serve.engine.attention import KVCache
+    from plm_serve.engine.attention.kv_store import store_kv
+    from plm_serve.models.rope import apply_rotate_half
+
+    t, hq, hkv, d = sizes.layer_batch, shape.num_heads, shape.num_kv_heads, shape.head_dim
+    gen = torch.Generator(device=device).manual_seed(1)
+    qkv = torch.randn(t, (hq + 2 * hkv) * d, generator=gen, device=device).bfloat16()
+    q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+    q, k, v = q.view(t, hq, d), k.view(t, hkv, d), v.view(t, hkv, d)
+    angles = 100 * torch.rand(t, 1, d // 2, generator=gen, device=device)
+    cos, sin = (f(torch.cat([angles, angles], -1)).bfloat16() for f in (torch.cos, torch.sin))
+    pools = [
+        KVCache.allocate(1, -(-t // BLOCK_SIZE), BLOCK_SIZE, hkv, d, torch.bfloat16, device) for _ in "ab"
+    ]
+    slots = torch.randperm(pools[0].num_blocks * BLOCK_SIZE, generator=gen, device=device)[:t]
+
+    def kernel() -> torch.Tensor:
+        data = pools[0].data
+        return store_kv(k, v, data[0, 0], data[0, 1], slots, q=q, cos=cos, sin=sin)  # type: ignore[return-value]
+
+    def reference() -> torch.Tensor:
+        pools[1].keys(0)[slots] = apply_rotate_half(k, cos, sin)
+        pools[1].values(0)[slots] = v
+        return apply_rotate_half(q, cos, sin)
+
+    s, s_ref = (
+        timed(kernel, device, sizes.warmup, sizes.iters),
+        timed(reference, device, sizes.warmup, sizes.iters),
+    )
+    exact = torch.equal(kernel(), reference()) and torch.equal(pools[0].data, pools[1].data)
+    return {
+        "check": f"RoPE + K/V store {shape.name} T={t}",
+        "value": f"{s * 1e6:.1f} us fused vs {s_ref * 1e6:.1f} us torch; bf16 bit-identical: {exact}",
+        "ref": "bit-identical on a GPU (the interpreter truncates casts)",
+        "seconds": s,
+        "reference_seconds": s_ref,
+        "exact": exact,
+    }
+
+
+def section_graph(rows: list[Row], device: str, sizes: Sizes, sweep: bool) -> None:
+    """Decode attention captured in a CUDA graph, replayed after the contexts and block tables changed in place:
+    it must equal an eager call on the new values (the kernels read nothing on the host)."""
+    if not device.startswith("cuda"):
+        rows.append({"check": "decode in a CUDA graph", "value": "skipped: needs CUDA", "ref": ""})
+        return
+    from plm_serve.engine.attention.paged_decode import DecodeWorkspace, paged_decode
+
+    shape = sizes.shapes[0]
+    b, ctx = 32, sizes.decode_context
+    layer = paged_layer(shape, [(ctx, 1)] * b, device, torch.bfloat16)
+    m = layer.meta
+    keys, values = layer.cache.data[0, 0], layer.cache.data[0, 1]  # type: ignore[attr-defined]
+    workspace = DecodeWorkspace.allocate(b, shape.num_heads, 4, shape.head_dim, torch.device(device))
+    out = torch.empty_like(layer.q)
+    call = functools.partial(
+        paged_decode, layer.q, keys, values, m.block_tables, m.context_lens, 4, out=out, workspace=workspace
+    )
+    call()  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        call()
+    gen = torch.Generator(device=device).manual_seed(2)
+    new_ctx = torch.randint(0, ctx + 1, (b,), generator=gen, device=device)  # includes 0: padding rows
+    m.context_lens.copy_(new_ctx)  # type: ignore[attr-defined]
+    m.block_tables.copy_(m.block_tables.flip(0))  # type: ignore[attr-defined]
+    graph.replay()
+    torch.cuda.synchronize()
+    replayed = out.clone()
+    eager = paged_decode(layer.q, keys, values, m.block_tables, m.context_lens, 4)  # type: ignore[attr-defined]
+    ok = torch.equal(replayed, eager)
+    rows.append(
+        {
+            "check": f"decode {shape.name} B={b} S=4 in a CUDA graph, replayed with new contexts and tables",
+            "value": f"equal to eager: {ok}",
+            "ref": "True",
+            "exact": ok,
+        }
+    )
 
 
 def count_cuda_kernels(fn: Callable[[], object]) -> int | str:
@@ -408,6 +495,7 @@ def section_layer(rows: list[Row], device: str, sizes: Sizes, sweep: bool) -> No
 
 SECTIONS = {
     "decode": section_decode,
+    "graph": section_graph,
     "prefill": section_prefill,
     "fused": section_fused,
     "layer": section_layer,

@@ -33,7 +33,15 @@ def test_tiny_run(tmp_path: Path) -> None:
     failed = [r for r in rows if str(r["value"]).startswith("FAILED")]
     assert not failed, failed
     checks = " ".join(r["check"] for r in rows)
-    for section in ("decode", "prefill", "RMSNorm", "silu", "decoder layer"):
+    for section in (
+        "decode",
+        "CUDA graph",
+        "prefill",
+        "RMSNorm",
+        "silu",
+        "RoPE + K/V store",
+        "decoder layer",
+    ):
         assert section in checks
     assert all(r["rel_error"] < 2e-2 for r in rows if "rel_error" in r)  # bf16 kernels vs fp32 references
     (report,) = tmp_path.glob("gpu-kernels-*.md")
