@@ -17,7 +17,8 @@ Sections (each appends rows to one table, printed and written to DIR/gpu-kernels
 - layer: one decoder layer's decode step at B = 256, ctx 2048 (1B shape): the full fast path (Triton attention,
   fused RoPE/store, fused norms) against the torch path, with the number of CUDA kernels each launches.
 
-On the GPU the default shapes run in about a minute (Triton compiles each kernel variant once, 1-3 s each).
+On the GPU the default shapes should run in one to two minutes (Triton compiles each kernel variant once, 1-3 s
+each; about 25 variants).
 `--device cpu --tiny` runs every section on tiny shapes through Triton's interpreter (set automatically), to
 check the harness without a GPU; its timings mean nothing. `run(rows, device, tiny, sweep, only)` is the entry
 point for other scripts; rows are dicts with "check", "value", "ref" (and numbers under other keys).
