@@ -60,8 +60,8 @@ def _prefill_kernel(
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
     # The sequence: the last i with query_start[i] // BLOCK_Q + i <= pid (strictly increasing in i).
-    lo = 0
-    hi = num_seqs
+    lo: tl.int32 = 0  # typed: num_seqs == 1 may be specialized into a constant, and loop values must be tensors
+    hi: tl.int32 = num_seqs
     while lo < hi:
         mid = (lo + hi) // 2
         if tl.load(query_start_ptr + mid) // BLOCK_Q + mid <= pid:
