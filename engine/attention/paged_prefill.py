@@ -60,7 +60,7 @@ def _prefill_kernel(
     pid = tl.program_id(0)
     kvh = tl.program_id(1)
     # The sequence: the last i with query_start[i] // BLOCK_Q + i <= pid (strictly increasing in i).
-    lo: tl.int32 = 0  # typed: num_seqs == 1 may be specialized into a constant, and loop values must be tensors
+    lo: tl.int32 = 0  # int32 bounds, also when the JIT specializes num_seqs == 1 into a constant
     hi: tl.int32 = num_seqs
     while lo < hi:
         mid = (lo + hi) // 2
