@@ -432,7 +432,8 @@ def section_layer(rows: list[Row], device: str, sizes: Sizes, sweep: bool) -> No
     from plm_serve.engine.attention.triton_paged import _num_sms
     from plm_serve.models import fused_ops
     from plm_serve.models.config import TextConfig
-    from plm_serve.models.llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+    from plm_serve.models.llama import LlamaDecoderLayer
+    from plm_serve.models.rope import LlamaRotaryEmbedding
 
     shape = sizes.shapes[0]
     cfg = TextConfig(
