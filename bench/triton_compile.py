@@ -120,7 +120,9 @@ def record_launches(preset: str) -> list[Launch]:
         for splits in (1, 8):
             paged_decode(q_rot, pool[0], pool[1], tables, lens, num_splits=splits)
         paged_prefill(q_rot, pool[0], pool[1], tables, lens, starts, max_query_len=64)  # prefill-sized tiles
-        one = torch.tensor([0, b], dtype=torch.int32)  # one sequence (a long prompt): num_seqs becomes a constant
+        one = torch.tensor(
+            [0, b], dtype=torch.int32
+        )  # one sequence (a long prompt): num_seqs becomes a constant
         paged_prefill(q_rot, pool[0], pool[1], tables[:1], lens[:1], one, max_query_len=b)
         triton_ops.add_rms_norm(x, x, x[0], 1e-5)
         triton_ops.silu_mul(torch.zeros(b, 2 * ff, dtype=bf16))
