@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from plm_serve.engine.attention import AttentionMetadata, KVCache, TorchPagedAttention
+from plm_serve.engine.attention import AttentionMetadata, KVCache, make_attention
 from plm_serve.engine.config import EngineConfig
 from plm_serve.engine.request import MMInput, TokenLogprob
 from plm_serve.engine.sampler import Sampler, SamplingBatch
@@ -146,7 +146,7 @@ class ModelRunner:
         if not out.chunks:
             return RunnerOutput({}, {}, num_tiles)
         batch = self._prepare(out.chunks)
-        attention = TorchPagedAttention(self.kv_cache, batch.metadata)
+        attention = make_attention(self.kv_cache, batch.metadata)
         hidden = self.model(batch.embeds, batch.positions, attention)
         sample_chunks = [c for c in out.chunks if c.sample]
         if not sample_chunks:

@@ -4,11 +4,19 @@ The Llama decoder works on a flattened (varlen) batch: all tokens of all sequenc
 concatenated into T rows. Each attention layer projects q/k/v, applies RoPE, and hands them to an `Attention`
 object; what happens next (write K/V into a paged cache, attend over a block table, run a Triton or flash-attn
 kernel) belongs to the object, which the engine builds for every step. The model code never changes when a
-backend is added.
+backend is added. A backend that can fuse RoPE into its K/V store also offers `rotary` (see `RotaryAttention`);
+the decoder then hands it q and k before RoPE together with the step's cos/sin tables.
+
+Every SDPA call here runs with cuDNN attention disabled (`no_cudnn_sdpa`): torch's cuDNN backend (the first
+choice on Hopper with recent cuDNN) builds and caches one graph per sequence-length shape, so prompts of new
+lengths, or a decode context that grows by one token per step, would pay a graph build on every call. Flash,
+memory-efficient and math kernels have no per-shape set-up.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Protocol
 
 import torch
@@ -24,6 +32,40 @@ class Attention(Protocol):
     """
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
+
+
+class RotaryAttention(Attention, Protocol):
+    """An `Attention` that can also apply the decoder's rotate-half RoPE itself (fused with storing K/V).
+
+    `rotary(layer, q, k, v, cos, sin)` takes q and k BEFORE RoPE and cos/sin [T, 1, head_dim] (from
+    `models.rope.LlamaRotaryEmbedding`) and must return what `__call__` returns for the rotated q and k
+    (`models.rope.apply_rotate_half`). The decoder calls it whenever the backend has it.
+    """
+
+    def rotary(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> torch.Tensor: ...
+
+
+@contextlib.contextmanager
+def no_cudnn_sdpa() -> Iterator[None]:
+    """SDPA calls inside may use flash, memory-efficient or math kernels (as enabled), never cuDNN.
+
+    The switch is torch's process-wide flag, restored on exit: two threads overlapping here may briefly see
+    each other's setting, which can only cost speed (a cuDNN call), never change a result.
+    """
+    was = torch.backends.cuda.cudnn_sdp_enabled()
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(was)
 
 
 class DenseCausalAttention:
@@ -57,11 +99,12 @@ def causal_sdpa(
     """
     s, kv_len = q.shape[0], k.shape[0]
     qh, kh, vh = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, H, S, D]
-    if num_cached == 0 and s == kv_len:
-        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
-    else:
-        # Bottom-right aligned causal mask as a CausalBias: on CUDA it dispatches to the flash kernel (which aligns
-        # causal masks bottom-right) instead of materializing an [S, kv_len] mask for the math kernel.
-        mask = causal_lower_right(s, kv_len)
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True)
+    with no_cudnn_sdpa():
+        if num_cached == 0 and s == kv_len:
+            out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            # Bottom-right aligned causal mask as a CausalBias: on CUDA it dispatches to the flash kernel (which
+            # aligns causal masks bottom-right) instead of materializing an [S, kv_len] mask for the math kernel.
+            mask = causal_lower_right(s, kv_len)
+            out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True)
     return out[0].transpose(0, 1)

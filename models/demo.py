@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from plm_serve.models.config import PLMConfig, load_preset_dict
 from plm_serve.models.loader import build_model
+from plm_serve.models.merged_linear import checkpoint_state
 
 GENERATION_CONFIG = {"bos_token_id": 128000, "eos_token_id": [128001, 128009], "do_sample": False}
 
@@ -33,8 +34,9 @@ def write_random_checkpoint(
     raw["dtype"] = str(dtype).removeprefix("torch.")  # "float32", "bfloat16", as transformers writes it
     config = PLMConfig.from_dict(raw)
     model = build_model(config, device="cpu", dtype=dtype, init="random", seed=seed)
-    # a tied lm_head is listed once, under its first name (the embedding): what save_pretrained writes
-    state = {name: t.contiguous() for name, t in model.named_parameters()}
+    # transformers' tensor names (merged projections cut back into their parts); a tied lm_head is listed once,
+    # under its first name (the embedding): what save_pretrained writes
+    state = checkpoint_state(model)
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2) + "\n")

@@ -3,8 +3,10 @@
 Loading never holds a full fp32 copy of the weights in host memory: the model is built on the meta device
 (shapes only), then each safetensors tensor is read (memory-mapped) straight onto the target device, cast to
 the target dtype there, and assigned as the parameter. Checkpoint names are the module's own parameter names
-(docs/checkpoint-format.md), so there is no rename table; the only special case is the tied `lm_head.weight`, which
-tied checkpoints omit (and which is ignored if present, as transformers re-ties it).
+(docs/checkpoint-format.md), with two exceptions: the decoder's merged projections (`qkv_proj`, `gate_up_proj`) are filled from the
+checkpoint's separate tensors (`q_proj`, `k_proj`, `v_proj`; `gate_proj`, `up_proj`), each copied into its
+rows (models/merged_linear.py); and the tied `lm_head.weight`, which tied checkpoints omit (and which is
+ignored if present, as transformers re-ties it).
 
 Meta's `original/` folder (consolidated.pth, params.json) is never read: only `model.safetensors`, or the
 shards listed in `model.safetensors.index.json`, at the top of the folder.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -22,6 +25,7 @@ from safetensors import safe_open
 from torch import nn
 
 from plm_serve.models.config import PLMConfig
+from plm_serve.models.merged_linear import checkpoint_sources
 from plm_serve.models.perception_lm import PerceptionLM
 
 _TIED_KEY = "lm_head.weight"
@@ -106,10 +110,11 @@ def load_model(
     model = build_model(config, dtype=dtype, init="meta")
     # Tied: lm_head.weight is not listed here (it is the same tensor as embed_tokens.weight).
     params = dict(model.named_parameters())
+    targets = _checkpoint_targets(params, checkpoint_sources(model))
     names_by_file = _tensor_names(checkpoint_files(folder))
-    _check_names(folder, params, names_by_file, config.tie_word_embeddings)
+    _check_names(folder, targets, names_by_file, config.tie_word_embeddings)
     device = torch.device(device)
-    state = _read_tensors(names_by_file, params, device, dtype, progress)
+    state = _read_tensors(names_by_file, params, targets, device, dtype, progress)
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()  # assign=True replaced embed_tokens.weight; point lm_head at the new tensor
     model.requires_grad_(False)
@@ -125,14 +130,36 @@ def _tensor_names(files: dict[Path, list[str] | None]) -> dict[Path, list[str]]:
     return out
 
 
+@dataclass(frozen=True)
+class _Target:
+    """Where one checkpoint tensor goes: a parameter (all of it, or `rows` of a merged one) and its shape."""
+
+    param: str
+    rows: slice | None
+    shape: tuple[int, ...]
+
+
+def _checkpoint_targets(
+    params: dict[str, nn.Parameter], sources: dict[str, list[tuple[str, slice | None]]]
+) -> dict[str, _Target]:
+    """Checkpoint tensor name -> its target, for every tensor the model needs."""
+    targets = {}
+    for name, parts in sources.items():
+        shape = tuple(params[name].shape)
+        for source, rows in parts:
+            part_shape = shape if rows is None else (rows.stop - rows.start, *shape[1:])
+            targets[source] = _Target(name, rows, part_shape)
+    return targets
+
+
 def _check_names(
-    folder: Path, params: dict[str, nn.Parameter], names_by_file: dict[Path, list[str]], tied: bool
+    folder: Path, targets: dict[str, _Target], names_by_file: dict[Path, list[str]], tied: bool
 ) -> None:
     found = {n for names in names_by_file.values() for n in names}
     if tied:
         found.discard(_TIED_KEY)  # transformers re-ties it on load, so a saved copy is ignored
-    missing = sorted(set(params) - found)
-    unexpected = sorted(found - set(params))
+    missing = sorted(set(targets) - found)
+    unexpected = sorted(found - set(targets))
     if missing or unexpected:
         raise ValueError(
             f"checkpoint {folder} does not match the model built from its config.json: "
@@ -143,26 +170,36 @@ def _check_names(
 def _read_tensors(
     names_by_file: dict[Path, list[str]],
     params: dict[str, nn.Parameter],
+    targets: dict[str, _Target],
     device: torch.device,
     dtype: torch.dtype,
     progress: bool | None,
 ) -> dict[str, torch.Tensor]:
-    """Each tensor goes from the file's memory map straight to `device`, then is cast there."""
+    """Each tensor goes from the file's memory map straight to `device`, then is cast there (a merged
+    parameter is allocated once and each part copied, with the cast, into its rows)."""
     total = sum(p.numel() * p.element_size() for p in params.values())
-    bar = _progress_bar(len(params), total, progress)
+    bar = _progress_bar(len(targets), total, progress)
     state: dict[str, torch.Tensor] = {}
     for file, names in names_by_file.items():
         with safe_open(str(file), framework="pt", device=_safetensors_device(device)) as f:
             for name in names:
-                if name not in params:
+                target = targets.get(name)
+                if target is None:
                     continue  # the tied lm_head copy
                 t = f.get_tensor(name)
-                if t.shape != params[name].shape:
+                if tuple(t.shape) != target.shape:
                     raise ValueError(
                         f"tensor {name} in {file.name} has shape {tuple(t.shape)}, "
-                        f"the model expects {tuple(params[name].shape)}"
+                        f"the model expects {target.shape}"
                     )
-                state[name] = t.to(dtype)
+                if target.rows is None:
+                    state[target.param] = t.to(dtype)
+                else:
+                    if target.param not in state:
+                        state[target.param] = torch.empty(
+                            params[target.param].shape, dtype=dtype, device=device
+                        )
+                    state[target.param][target.rows].copy_(t)
                 bar.update(1)
     bar.close()
     return state

@@ -1,7 +1,8 @@
 """PerceptionLM = Perception Encoder ViT + projector (+ 2x2 pooling) + Llama-3 decoder.
 
-The module tree mirrors transformers' `PerceptionLMForConditionalGeneration`, so every checkpoint tensor name
-is a parameter name here (the loader is an identity mapping):
+The module tree mirrors transformers' `PerceptionLMForConditionalGeneration`, so checkpoint tensor names are
+parameter names here, except that the decoder merges q/k/v and gate/up projections into one weight each (the
+loader stacks those tensors, see models/merged_linear.py):
 
     model.vision_tower.timm_model.*   PerceptionEncoder   (vision.py)
     model.multi_modal_projector.*     MultiModalProjector (projector.py)
@@ -118,7 +119,8 @@ class PerceptionLM(nn.Module):
     ) -> torch.Tensor:
         """A flattened batch through the decoder: inputs_embeds [T, H], positions [T] -> normed hidden [T, H].
 
-        `attention(layer, q, k, v)` is called once per layer with q [T, nh, hd], k/v [T, nkv, hd] after RoPE.
+        `attention(layer, q, k, v)` is called once per layer with q [T, nh, hd], k/v [T, nkv, hd] after RoPE
+        (or `attention.rotary(layer, q, k, v, cos, sin)` before RoPE, when the backend has it).
         """
         return self.model.language_model(inputs_embeds, positions, attention)
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from plm_serve.models.attention import no_cudnn_sdpa
 from plm_serve.models.config import VisionConfig
 from plm_serve.models.rope import VisionRope2D
 
@@ -47,7 +48,8 @@ class VisionAttention(nn.Module):
         # qkv rows: q | k | v, heads contiguous in each; [B, N, 3, heads, hd] -> 3 x [B, heads, N, hd]
         q, k, v = self.qkv(x).view(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = rope(q), rope(k)
-        out = F.scaled_dot_product_attention(q, k, v)  # no mask, scale head_dim^-0.5
+        with no_cudnn_sdpa():  # cuDNN would build a graph per new tile count
+            out = F.scaled_dot_product_attention(q, k, v)  # no mask, scale head_dim^-0.5
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 

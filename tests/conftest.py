@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,10 @@ import torch
 from tests import reference
 
 torch.set_num_threads(2)
+if not torch.cuda.is_available():
+    # Without a GPU the Triton kernels run in Triton's CPU interpreter. It must be on before any kernel is
+    # defined (kernel modules are imported lazily, by the tests that use them, after this conftest).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -22,6 +22,9 @@ class AttentionMetadata:
 
     Host mirrors (for the eager reference path; a graph-replayed step must not depend on them):
     query_lens, context_lens_host: per-sequence lists; max_query_len: the longest query (1 = decode-only step)
+
+    The Triton backend reads only the device tensors, plus `max_query_len` to pick its kernel (decode-only or
+    unified) and the shapes (B = block_tables rows, T = slot_mapping length) for its grids.
     """
 
     slot_mapping: torch.Tensor

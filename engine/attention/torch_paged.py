@@ -5,6 +5,10 @@ Each layer first scatters the step's new K/V into the pool at `slot_mapping`, th
   to [B_decode, max_ctx] with a length mask, also when prefill chunks share the step;
 - each prefill chunk with a causal mask offset by the tokens already cached.
 Slot indices are computed once per step (here, in `__init__`) and shared by all layers.
+
+The decode gather is padded to a multiple of `DECODE_CONTEXT_BUCKET` tokens (the length mask hides the padding)
+and SDPA runs without cuDNN (`no_cudnn_sdpa`), so a context that grows by one token per step does not present a
+new shape to an attention backend on every step.
 """
 
 from __future__ import annotations
@@ -14,13 +18,20 @@ import torch.nn.functional as F
 
 from plm_serve.engine.attention.kv_cache import KVCache
 from plm_serve.engine.attention.metadata import AttentionMetadata
-from plm_serve.models.attention import causal_sdpa
+from plm_serve.models.attention import causal_sdpa, no_cudnn_sdpa
+
+DECODE_CONTEXT_BUCKET = 256  # decode K/V are gathered to a multiple of this many positions
 
 
 def context_slots(block_tables: torch.Tensor, num_positions: int, block_size: int) -> torch.Tensor:
-    """[B, max_blocks] block tables -> [B, num_positions] cache slots of positions 0 .. num_positions - 1."""
+    """[B, max_blocks] block tables -> [B, num_positions] cache slots of positions 0 .. num_positions - 1.
+
+    Positions past the table's last block (padding of a bucketed gather) map into that block: real slots whose
+    contents the caller masks out.
+    """
     pos = torch.arange(num_positions, device=block_tables.device)
-    blocks = block_tables.long().gather(1, (pos // block_size).expand(block_tables.shape[0], -1))
+    block_index = (pos // block_size).clamp_max(block_tables.shape[1] - 1)
+    blocks = block_tables.long().gather(1, block_index.expand(block_tables.shape[0], -1))
     return blocks * block_size + pos % block_size
 
 
@@ -46,7 +57,8 @@ class TorchPagedAttention:
         self.decode_rows: torch.Tensor | None = None  # None: no decode rows
         if decodes:
             index = torch.tensor(decodes, device=dev)
-            max_ctx = max(metadata.context_lens_host[i] for i in decodes)
+            longest = max(metadata.context_lens_host[i] for i in decodes)
+            max_ctx = -(-longest // DECODE_CONTEXT_BUCKET) * DECODE_CONTEXT_BUCKET
             self.decode_slots = context_slots(metadata.block_tables[index], max_ctx, bs)  # [B_dec, max_ctx]
             positions = torch.arange(max_ctx, device=dev)
             self.decode_valid = positions[None, :] < metadata.context_lens[index][:, None]  # [B_dec, max_ctx]
@@ -79,5 +91,8 @@ class TorchPagedAttention:
         k_ctx = keys[self.decode_slots].transpose(1, 2)
         v_ctx = values[self.decode_slots].transpose(1, 2)
         mask = self.decode_valid[:, None, None, :]  # [B, 1, 1, max_ctx]
-        out = F.scaled_dot_product_attention(q.reshape(b, hkv, hq // hkv, d), k_ctx, v_ctx, attn_mask=mask)
+        with no_cudnn_sdpa():
+            out = F.scaled_dot_product_attention(
+                q.reshape(b, hkv, hq // hkv, d), k_ctx, v_ctx, attn_mask=mask
+            )
         return out.reshape(b, hq, d)
