@@ -74,6 +74,10 @@ SERVER_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--allowed-local-media-path", {"help": "directory whose files may be sent as file:// URLs or paths"}),
     ("--preprocess-workers", {"type": int, "help": "threads decoding and tiling media"}),
     ("--shutdown-grace-seconds", {"type": float, "help": "on SIGTERM, time running requests get to finish"}),
+    (
+        "--playground",
+        {"action": argparse.BooleanOptionalAction, "help": "serve the browser playground at / (default: on)"},
+    ),
 ]
 
 
