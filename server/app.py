@@ -23,6 +23,7 @@ from plm_serve.server.errors import install_exception_handlers
 from plm_serve.server.media_fetch import MediaFetcher
 from plm_serve.server.metrics import ServerMetrics
 from plm_serve.server.middleware import ApiKeyAuth, BodySizeLimit, RequestCounter, RequestId
+from plm_serve.server.playground import router as playground_router
 from plm_serve.server.routes import router
 from plm_serve.server.version import VERSION
 
@@ -64,6 +65,8 @@ def create_app(
     app = FastAPI(title="plm-serve", version=VERSION, lifespan=lifespan)
     app.state.ctx = ctx
     app.include_router(router)
+    if config.playground:
+        app.include_router(playground_router)
     install_exception_handlers(app)
     # add_middleware wraps: the last added runs first.
     app.add_middleware(BodySizeLimit, max_bytes=config.max_request_body_bytes)

@@ -71,6 +71,10 @@ class ServerConfig:
     shutdown_grace_seconds: float = 30.0
     """On SIGTERM: time running requests get to finish before they are aborted."""
 
+    playground: bool = True
+    """Serve the browser playground (a static chat page, assets inside the package) at `/`; it calls the /v1
+    API like any client, so with `api_key` set the page asks for the key."""
+
     def __post_init__(self) -> None:
         checks = [
             (bool(self.model), "model must be the path of a checkpoint folder"),
