@@ -11,8 +11,10 @@ from plm_serve.engine.request import (
     MMInput,
     SamplingParams,
     StepOutput,
+    StructuredOutputParams,
     TokenLogprob,
 )
+from plm_serve.engine.structured_output import StructuredOutputError, StructuredOutputUnavailable
 
 __all__ = [
     "AsyncEngine",
@@ -28,6 +30,9 @@ __all__ = [
     "RequestRejectedError",
     "SamplingParams",
     "StepOutput",
+    "StructuredOutputError",
+    "StructuredOutputParams",
+    "StructuredOutputUnavailable",
     "TokenLogprob",
     "write_demo_model",
 ]

@@ -15,11 +15,13 @@ import torch
 from tokenizers import Tokenizer
 
 from plm_serve.engine.config import EngineConfig
-from plm_serve.engine.detokenizer import IncrementalDetokenizer
+from plm_serve.engine.detokenizer import IncrementalDetokenizer, TokenTexts
 from plm_serve.engine.model_runner import ModelRunner, RunnerOutput, to_token_logprob
+from plm_serve.engine.prompt_logprobs import PromptLogprobsCollector
 from plm_serve.engine.request import EngineRequest, FinishReason, StepOutput
 from plm_serve.engine.scheduler import Scheduler, SchedulerOutput
 from plm_serve.engine.sequence import Sequence
+from plm_serve.engine.structured_output import GrammarCompiler, advance_grammars
 from plm_serve.models import PLMConfig, load_model
 
 logger = logging.getLogger(__name__)
@@ -78,6 +80,10 @@ class EngineCore:
         )
         self.detokenizers: dict[int, IncrementalDetokenizer] = {}
         self.stats = EngineStats(num_kv_blocks=num_blocks)
+        # Structured outputs and prompt scoring (engine/structured_output.py, engine/prompt_logprobs.py).
+        self.grammars = GrammarCompiler(tokenizer, model_config.text.vocab_size, self.eos_token_ids)
+        self.prompt_logprobs = PromptLogprobsCollector()
+        self._token_texts = TokenTexts(tokenizer)  # memoized: a long prompt repeats tokens
 
     @classmethod
     def load(cls, config: EngineConfig) -> EngineCore:
@@ -93,7 +99,15 @@ class EngineCore:
 
     # ------------------------------------------------------------------------------------------- requests
     def add_request(self, request: EngineRequest) -> None:
-        self.scheduler.add_request(request)  # raises RequestRejectedError for requests that can never run
+        structured = request.sampling.structured_output
+        # A cache hit when the server compiled it (off this thread) before submitting; StructuredOutputError.
+        grammar = self.grammars.compile(structured) if structured is not None else None
+        seqs = self.scheduler.add_request(
+            request
+        )  # raises RequestRejectedError for requests that can never run
+        if grammar is not None:
+            for seq in seqs:
+                seq.grammar = grammar.matcher()
         self._refresh_gauges()
 
     def abort_request(self, request_id: str) -> list[StepOutput]:
@@ -101,6 +115,7 @@ class EngineCore:
         outs = []
         for seq in self.scheduler.abort_request(request_id):
             self.detokenizers.pop(seq.seq_id, None)
+            self.prompt_logprobs.drop(seq.seq_id)
             outs.append(self._output(seq, "", [], FinishReason.ABORT))
         self._refresh_gauges()
         return outs
@@ -120,6 +135,12 @@ class EngineCore:
             logger.exception("engine step failed; failing the requests of this step")
             return self._fail_step(sched, exc)
         self.scheduler.update(sched, result.sampled)
+        self.prompt_logprobs.add(result.prompt_logprobs)
+        sampled = [
+            (c.seq, result.sampled[c.seq.seq_id]) for c in sched.chunks if c.seq.seq_id in result.sampled
+        ]
+        for seq in advance_grammars(sampled):  # a grammar that is complete ends its sequence
+            self.scheduler.finish(seq, FinishReason.STOP)
         outputs = [self._emit(c.seq, result) for c in sched.chunks if c.seq.seq_id in result.sampled]
         self._update_stats(sched, result.num_encoded_tiles, time.perf_counter() - t0)
         return outputs
@@ -145,8 +166,10 @@ class EngineCore:
             logprobs = [to_token_logprob(self._token_text, token, result.logprobs[seq.seq_id])]
         out = self._output(seq, text, [token], seq.finish_reason)
         out.logprobs = logprobs
-        if seq.num_output_tokens == 1 and seq.first_scheduled_time is not None:
-            out.queue_time_s = max(0.0, seq.first_scheduled_time - seq.arrival_time)
+        if seq.num_output_tokens == 1:
+            out.prompt_logprobs = self.prompt_logprobs.take(seq, self._token_texts)
+            if seq.first_scheduled_time is not None:
+                out.queue_time_s = max(0.0, seq.first_scheduled_time - seq.arrival_time)
         return out
 
     def _token_text(self, token_id: int) -> str:
