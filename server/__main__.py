@@ -72,6 +72,10 @@ SERVER_FLAGS: list[tuple[str, dict[str, Any]]] = [
         },
     ),
     ("--allowed-local-media-path", {"help": "directory whose files may be sent as file:// URLs or paths"}),
+    (
+        "--chat-template",
+        {"help": "jinja chat template (file or text) replacing the checkpoint's; see docs/api.md"},
+    ),
     ("--preprocess-workers", {"type": int, "help": "threads decoding and tiling media"}),
     ("--shutdown-grace-seconds", {"type": float, "help": "on SIGTERM, time running requests get to finish"}),
 ]

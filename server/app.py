@@ -95,7 +95,10 @@ async def _load(
     try:
         if processor is None:
             processor = await asyncio.to_thread(
-                Processor.from_pretrained, cfg.model, limits=media_limits(cfg)
+                Processor.from_pretrained,
+                cfg.model,
+                limits=media_limits(cfg),
+                chat_template=cfg.chat_template_source(),
             )
         if engine is None:
             assert cfg.engine is not None
