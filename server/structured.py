@@ -24,7 +24,12 @@ def structured_output_of(body: Any) -> tuple[StructuredOutputParams, str] | None
     found: list[tuple[StructuredOutputParams, str]] = []
     response_format: ResponseFormat | None = getattr(body, "response_format", None)
     if response_format is not None and response_format.type != "text":
-        found.append((from_response_format(response_format, "response_format"), "response_format"))
+        where = (
+            "response_format.json_schema.schema"
+            if response_format.type == "json_schema"
+            else "response_format"
+        )
+        found.append((from_response_format(response_format, "response_format"), where))
     options: StructuredOutputsOptions | None = getattr(body, "structured_outputs", None)
     if options is not None:
         found.append((_from_options(options), "structured_outputs"))
@@ -39,7 +44,9 @@ def structured_output_of(body: Any) -> tuple[StructuredOutputParams, str] | None
             found.append((_params(kind, value, name), name))
     if len(found) > 1:
         fields = ", ".join(f for _, f in found)
-        raise bad_request(f"give one output constraint, not several ({fields})", param=found[1][1])
+        raise bad_request(
+            f"give one output constraint, not several ({fields})", param=found[1][1].split(".")[0]
+        )
     return found[0] if found else None
 
 

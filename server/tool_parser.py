@@ -133,6 +133,10 @@ class ToolCallParser:
                 self._state, self._scan = "args", _JsonScanner()
             elif self._state == "args":
                 assert self._scan is not None
+                if not self._scan.started:  # blanks before the value are not part of the arguments
+                    self._buffer = self._buffer.lstrip()
+                    if not self._buffer:
+                        break
                 consumed = self._scan.feed(self._buffer)
                 piece, self._buffer = self._buffer[:consumed], self._buffer[consumed:]
                 if self._scan.is_string:  # a stringified object: sent decoded, once complete
@@ -172,7 +176,8 @@ class ToolCallParser:
 
 def _cannot_be_head(text: str) -> bool:
     """Whether `text` has gone past what could still become a call head."""
-    return len(text) > 256 or not text.lstrip().startswith("{")
+    stripped = text.lstrip()
+    return len(text) > 256 or (bool(stripped) and not stripped.startswith("{"))
 
 
 def _unescape(json_string_body: str) -> str:
