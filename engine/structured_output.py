@@ -212,7 +212,7 @@ def apply_grammar_bitmask(logits: torch.Tensor, seqs: Sequence[EngineSequence]) 
     if len(rows) == logits.shape[0]:
         logits.masked_fill_(~allowed, float("-inf"))
     else:
-        index = torch.tensor(rows, dtype=torch.long).to(logits.device, non_blocking=True)
+        index = torch.tensor(rows, dtype=torch.long, pin_memory=pin).to(logits.device, non_blocking=True)
         logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
 
 

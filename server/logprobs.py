@@ -67,7 +67,9 @@ def chat_logprobs(logprobs: list[TokenLogprob], token_bytes: TokenBytes) -> list
 
 def completion_logprobs(logprobs: list[TokenLogprob], text_offset: int) -> CompletionLogprobs:
     """`text_offset` is where the first of these tokens starts in the choice's text."""
-    out = CompletionLogprobs()
+    # Every field given explicitly: streamed chunks are dumped with exclude_unset, which would drop
+    # default-constructed lists however much they were appended to.
+    out = CompletionLogprobs(text_offset=[], token_logprobs=[], tokens=[], top_logprobs=[])
     for lp in logprobs:
         out.text_offset.append(text_offset)
         out.tokens.append(lp.token)

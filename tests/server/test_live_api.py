@@ -172,6 +172,13 @@ def test_lm_eval_harness_loglikelihood_request(live):
     )
     assert choice["text"].startswith(tokenizer.decode(context + continuation, skip_special_tokens=False))
 
+    # Streamed, the echo (with the prompt's logprobs) comes first, then the generated token.
+    streamed = httpx.post(f"{live.base_url}/v1/completions", json={**body, "stream": True}, timeout=60)
+    chunks = [json.loads(line[6:]) for line in streamed.text.splitlines() if line.startswith("data: {")]
+    parts = [c["choices"][0]["logprobs"] for c in chunks if c["choices"][0]["logprobs"]]
+    assert [lp for p in parts for lp in p["token_logprobs"]] == logprobs["token_logprobs"]
+    assert "".join(c["choices"][0]["text"] for c in chunks) == choice["text"]
+
     # max_tokens 0: the prompt only; vLLM's prompt_logprobs agree with the echoed ones.
     body.update(max_tokens=0, prompt_logprobs=2)
     scored = httpx.post(f"{live.base_url}/v1/completions", json=body, timeout=60).json()
