@@ -1,7 +1,9 @@
 """EngineCore: schedule -> execute -> update, one step at a time, with no threads and no asyncio.
 
 The async engine drives it from its loop thread; the offline `LLM` drives it directly. Stop strings are found by the
-per-choice incremental detokenizer here, and end the sequence through `scheduler.finish`.
+per-choice incremental detokenizer here, and end the sequence through `scheduler.finish`; so does a structured-output
+grammar that is complete (engine/structured_output.py). Prompt scores (engine/prompt_logprobs.py) are gathered here
+until a choice's first output carries them.
 """
 
 from __future__ import annotations
@@ -102,9 +104,8 @@ class EngineCore:
         structured = request.sampling.structured_output
         # A cache hit when the server compiled it (off this thread) before submitting; StructuredOutputError.
         grammar = self.grammars.compile(structured) if structured is not None else None
-        seqs = self.scheduler.add_request(
-            request
-        )  # raises RequestRejectedError for requests that can never run
+        # Raises RequestRejectedError for requests that can never run.
+        seqs = self.scheduler.add_request(request)
         if grammar is not None:
             for seq in seqs:
                 seq.grammar = grammar.matcher()
