@@ -39,6 +39,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from plm_serve.engine.errors import RequestRejectedError
@@ -208,19 +209,34 @@ def apply_grammar_bitmask(logits: torch.Tensor, seqs: Sequence[EngineSequence]) 
     bitmask = torch.empty((len(rows), words), dtype=torch.int32, pin_memory=pin)
     matchers = [(seqs[row].grammar, j) for j, row in enumerate(rows)]
     _parallel_executor(llg).unsafe_compute_mask_ptr(matchers, bitmask.data_ptr(), words * 4, len(rows))
-    allowed = unpack_bitmask(bitmask.to(logits.device, non_blocking=True), vocab)  # [R, V] bool
+    # The complement's bits are the forbidden tokens: [R, V] bool without a separate negation pass.
+    forbidden = unpack_bitmask(~bitmask.to(logits.device, non_blocking=True), vocab)
     if len(rows) == logits.shape[0]:
-        logits.masked_fill_(~allowed, float("-inf"))
+        logits.masked_fill_(forbidden, float("-inf"))
     else:
         index = torch.tensor(rows, dtype=torch.long, pin_memory=pin).to(logits.device, non_blocking=True)
-        logits[index] = logits[index].masked_fill(~allowed, float("-inf"))
+        logits[index] = logits[index].masked_fill(forbidden, float("-inf"))
 
 
 def unpack_bitmask(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """int32 [R, W] (bit j of word w = token 32 w + j) -> bool [R, vocab_size], on the bitmask's device."""
-    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
-    bits = (bitmask.unsqueeze(-1) >> shifts) & 1  # [R, W, 32]; >> is arithmetic, & 1 keeps one bit
-    return bits.flatten(1)[:, :vocab_size].bool()
+    """int32 [R, W] (bit j of word w = token 32 w + j) -> bool [R, vocab_size], on the bitmask's device.
+
+    Read as little-endian bytes (byte k of word w holds tokens 32 w + 8 k ...), so the expansion works on uint8:
+    numpy's unpackbits on the CPU, eight shifts on a GPU ([R, 4 W, 8] bytes, a quarter of an int32 expansion).
+    """
+    as_bytes = bitmask.contiguous().view(torch.uint8)  # [R, 4 W]; every supported device is little-endian
+    unpack = _unpack_with_numpy if as_bytes.device.type == "cpu" else unpack_with_shifts
+    return unpack(as_bytes)[:, :vocab_size].bool()
+
+
+def _unpack_with_numpy(as_bytes: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(np.unpackbits(as_bytes.numpy(), axis=1, bitorder="little"))
+
+
+def unpack_with_shifts(as_bytes: torch.Tensor) -> torch.Tensor:
+    """uint8 [R, B] -> uint8 [R, 8 B] of 0/1, bit j of byte b at 8 b + j (the device path)."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=as_bytes.device)
+    return ((as_bytes.unsqueeze(-1) >> shifts) & 1).flatten(1)
 
 
 def advance_grammars(sampled: Sequence[tuple[EngineSequence, int]]) -> list[EngineSequence]:

@@ -160,6 +160,11 @@ def test_unpack_bitmask_matches_bit_order():
     assert allowed.shape == (2, 40)
     assert allowed[0].nonzero().squeeze(1).tolist() == [0, 2, 31, *range(32, 40)]
     assert allowed[1].nonzero().squeeze(1).tolist() == []  # bit 31 of word 1 is token 63, beyond 40
+    random = torch.randint(-(2**31), 2**31 - 1, (3, 9), dtype=torch.int32)
+    as_bytes = random.view(torch.uint8)
+    expected = ((random.unsqueeze(-1) >> torch.arange(32, dtype=torch.int32)) & 1).flatten(1).bool()
+    assert torch.equal(so.unpack_bitmask(random, 288), expected)  # numpy, the CPU path
+    assert torch.equal(so.unpack_with_shifts(as_bytes).bool(), expected)  # shifts, the GPU path
 
 
 def test_missing_library_is_a_clear_rejection(core, monkeypatch):
