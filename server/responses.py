@@ -117,10 +117,11 @@ async def build_request(
         schema = JsonSchemaFormat(name=fmt.name or "response", schema=fmt.json_schema, strict=fmt.strict)
         answer = from_response_format(ResponseFormat(type=fmt.type, json_schema=schema), "text.format")
     param = "text.format" if answer is not None else "tool_choice"
+    greedy = body.top_p == 0.0  # the nucleus shrinks to the best token, as in chat
     params = SamplingParams(
         max_tokens=body.max_output_tokens,
-        temperature=body.temperature or 0.0,
-        top_p=1.0 if body.top_p in (None, 0.0) else body.top_p,
+        temperature=0.0 if greedy else body.temperature or 0.0,
+        top_p=1.0 if greedy or body.top_p is None else body.top_p,
         top_k=max(body.top_k or 0, 0),
         seed=body.seed,
         frequency_penalty=body.frequency_penalty or 0.0,

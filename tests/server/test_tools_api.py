@@ -8,6 +8,7 @@ import json
 import pytest
 
 from plm_serve.processors.tool_prompt import TOOL_INSTRUCTION
+from plm_serve.server.config import ServerConfig
 from tests.server.conftest import MODEL_NAME, chat_body
 from tests.server.fake_engine import FakeEngine
 
@@ -139,3 +140,13 @@ def test_tokenize_and_responses_errors(client):
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "input[0].content[0]"
     resp = client.post("/v1/responses", json={"model": MODEL_NAME, "input": "x", "tool_choice": "required"})
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "tool_choice"
+
+
+def test_chat_template_override_is_a_file_or_inline_text(ckpt_l, tmp_path):
+    inline = "{% for m in messages %}{{ m.role }}{% endfor %}"
+    assert ServerConfig(model=str(ckpt_l), chat_template=inline).chat_template_source() == inline
+    path = tmp_path / "template.jinja"
+    path.write_text(inline)
+    assert ServerConfig(model=str(ckpt_l), chat_template=str(path)).chat_template_source() == inline
+    with pytest.raises(ValueError, match="neither a file nor a jinja template"):
+        ServerConfig(model=str(ckpt_l), chat_template=str(tmp_path / "missing.jinja"))
