@@ -27,8 +27,10 @@ if TYPE_CHECKING:
         MMInput,
         SamplingParams,
         StepOutput,
+        StructuredOutputParams,
         TokenLogprob,
     )
+    from plm_serve.engine.structured_output import StructuredOutputError, StructuredOutputUnavailable
 
 _EXPORTS = {
     "AsyncEngine": "async_engine",
@@ -46,6 +48,9 @@ _EXPORTS = {
     "MMInput": "request",
     "SamplingParams": "request",
     "StepOutput": "request",
+    "StructuredOutputParams": "request",
+    "StructuredOutputError": "structured_output",
+    "StructuredOutputUnavailable": "structured_output",
     "TokenLogprob": "request",
 }
 __all__ = [
@@ -63,6 +68,9 @@ __all__ = [
     "RequestRejectedError",
     "SamplingParams",
     "StepOutput",
+    "StructuredOutputError",
+    "StructuredOutputParams",
+    "StructuredOutputUnavailable",
     "TokenLogprob",
     "write_demo_model",
 ]

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from plm_serve.engine.config import EngineConfig
 from plm_serve.engine.core import EngineCore, EngineStats
 from plm_serve.engine.errors import EngineDeadError, EngineOverloadedError
-from plm_serve.engine.request import EngineRequest, StepOutput
+from plm_serve.engine.request import EngineRequest, StepOutput, StructuredOutputParams
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +92,12 @@ class AsyncEngine:
                 self._streams.pop(request.request_id, None)
             if not finished:
                 self._inbox.put(("abort", request.request_id))
+
+    async def compile_grammar(self, params: StructuredOutputParams) -> None:
+        """Compile and cache a structured-output grammar on a worker thread, so that the engine thread finds it
+        compiled when the request arrives. Raises StructuredOutputError (a RequestRejectedError) if it does not
+        compile."""
+        await asyncio.to_thread(self.core.grammars.compile, params)
 
     async def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from plm_serve.engine.core import EngineStats
-    from plm_serve.engine.request import EngineRequest, StepOutput
+    from plm_serve.engine.request import EngineRequest, StepOutput, StructuredOutputParams
 
 
 class EngineClient(Protocol):
@@ -30,6 +30,12 @@ class EngineClient(Protocol):
 
         Raises EngineOverloadedError (queue full), EngineDeadError (not running) or RequestRejectedError.
         Closing the iterator early aborts the request."""
+        ...
+
+    async def compile_grammar(self, params: StructuredOutputParams) -> None:
+        """Compile (and cache) a structured-output constraint off the engine thread, before `generate`.
+
+        Raises StructuredOutputError (the constraint cannot compile) or StructuredOutputUnavailable."""
         ...
 
     async def abort(self, request_id: str) -> None: ...

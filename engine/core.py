@@ -1,7 +1,9 @@
 """EngineCore: schedule -> execute -> update, one step at a time, with no threads and no asyncio.
 
 The async engine drives it from its loop thread; the offline `LLM` drives it directly. Stop strings are found by the
-per-choice incremental detokenizer here, and end the sequence through `scheduler.finish`.
+per-choice incremental detokenizer here, and end the sequence through `scheduler.finish`; so does a structured-output
+grammar that is complete (engine/structured_output.py). Prompt scores (engine/prompt_logprobs.py) are gathered here
+until a choice's first output carries them.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ from plm_serve.engine.config import EngineConfig
 from plm_serve.engine.detokenizer import IncrementalDetokenizer, TokenTexts
 from plm_serve.engine.errors import RequestRejectedError
 from plm_serve.engine.model_runner import ModelRunner, RunnerOutput, to_token_logprob
+from plm_serve.engine.prompt_logprobs import PromptLogprobsCollector
 from plm_serve.engine.request import EngineRequest, FinishReason, StepOutput
 from plm_serve.engine.scheduler import Scheduler, SchedulerOutput
 from plm_serve.engine.sequence import Sequence
+from plm_serve.engine.structured_output import GrammarCompiler, advance_grammars
 from plm_serve.models import PLMConfig, load_model
 
 logger = logging.getLogger(__name__)
@@ -82,8 +86,13 @@ class EngineCore:
             config.replace(max_model_len=self.max_model_len), num_blocks, set(self.eos_token_ids)
         )
         self.detokenizers: dict[int, IncrementalDetokenizer] = {}
-        self.token_texts = TokenTexts(tokenizer)  # logprob token texts, memoized
+        self.token_texts = TokenTexts(
+            tokenizer
+        )  # logprob token texts, memoized (a long prompt repeats tokens)
         self.stats = EngineStats(num_kv_blocks=num_blocks)
+        # Structured outputs and prompt scoring (engine/structured_output.py, engine/prompt_logprobs.py).
+        self.grammars = GrammarCompiler(tokenizer, model_config.text.vocab_size, self.eos_token_ids)
+        self.prompt_logprobs = PromptLogprobsCollector()
 
     @classmethod
     def load(cls, config: EngineConfig) -> EngineCore:
@@ -100,7 +109,14 @@ class EngineCore:
     # ------------------------------------------------------------------------------------------- requests
     def add_request(self, request: EngineRequest) -> None:
         self._check_media_rows(request)
-        self.scheduler.add_request(request)  # raises RequestRejectedError for requests that can never run
+        structured = request.sampling.structured_output
+        # A cache hit when the server compiled it (off this thread) before submitting; StructuredOutputError.
+        grammar = self.grammars.compile(structured) if structured is not None else None
+        # Raises RequestRejectedError for requests that can never run.
+        seqs = self.scheduler.add_request(request)
+        if grammar is not None:
+            for seq in seqs:
+                seq.grammar = grammar.matcher()
         self._refresh_gauges()
 
     def _check_media_rows(self, request: EngineRequest) -> None:
@@ -118,6 +134,7 @@ class EngineCore:
         outs = []
         for seq in self.scheduler.abort_request(request_id):
             self.detokenizers.pop(seq.seq_id, None)
+            self.prompt_logprobs.drop(seq.seq_id)
             outs.append(self._output(seq, "", [], FinishReason.ABORT))
         self._refresh_gauges()
         return outs
@@ -137,6 +154,12 @@ class EngineCore:
             logger.exception("engine step failed; failing the requests of this step")
             return self._fail_step(sched, exc)
         self.scheduler.update(sched, result.sampled)
+        self.prompt_logprobs.add(result.prompt_logprobs)
+        sampled = [
+            (c.seq, result.sampled[c.seq.seq_id]) for c in sched.chunks if c.seq.seq_id in result.sampled
+        ]
+        for seq in advance_grammars(sampled):  # a grammar that is complete ends its sequence
+            self.scheduler.finish(seq, FinishReason.STOP)
         outputs = [self._emit(c.seq, result) for c in sched.chunks if c.seq.seq_id in result.sampled]
         self._update_stats(sched, result.num_encoded_tiles, time.perf_counter() - t0)
         return outputs
@@ -162,8 +185,10 @@ class EngineCore:
             logprobs = [to_token_logprob(self.token_texts, token, result.logprobs[seq.seq_id])]
         out = self._output(seq, text, [token], seq.finish_reason)
         out.logprobs = logprobs
-        if seq.num_output_tokens == 1 and seq.first_scheduled_time is not None:
-            out.queue_time_s = max(0.0, seq.first_scheduled_time - seq.arrival_time)
+        if seq.num_output_tokens == 1:
+            out.prompt_logprobs = self.prompt_logprobs.take(seq, self.token_texts)
+            if seq.first_scheduled_time is not None:
+                out.queue_time_s = max(0.0, seq.first_scheduled_time - seq.arrival_time)
         return out
 
     def _output(self, seq: Sequence, text: str, tokens: list[int], reason: FinishReason | None) -> StepOutput:

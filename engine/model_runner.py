@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import itertools
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from plm_serve.engine.attention import AttentionMetadata, KVCache, make_attention
 from plm_serve.engine.config import EngineConfig
+from plm_serve.engine.prompt_logprobs import PromptTokenLogprob, compute_prompt_logprobs
 from plm_serve.engine.request import MMInput, TokenLogprob
 from plm_serve.engine.sampler import Sampler, SamplingBatch
 from plm_serve.engine.scheduler import ScheduledChunk, SchedulerOutput
+from plm_serve.engine.structured_output import apply_grammar_bitmask
 from plm_serve.models import PerceptionLM
 
 logger = logging.getLogger(__name__)
@@ -34,6 +36,7 @@ class RunnerOutput:
         int, tuple[float, list[tuple[int, float]]]
     ]  # seq_id -> (logprob, [(id, logprob)] best first)
     num_encoded_tiles: int = 0
+    prompt_logprobs: dict[int, list[PromptTokenLogprob]] = field(default_factory=dict)  # seq_id -> scores
 
 
 class ModelRunner:
@@ -148,11 +151,13 @@ class ModelRunner:
         batch = self._prepare(out.chunks)
         attention = make_attention(self.kv_cache, batch.metadata)
         hidden = self.model(batch.embeds, batch.positions, attention)
+        prompt_logprobs = compute_prompt_logprobs(self.model, hidden, out.chunks)  # only rows that ask
         sample_chunks = [c for c in out.chunks if c.sample]
         if not sample_chunks:
-            return RunnerOutput({}, {}, num_tiles)
+            return RunnerOutput({}, {}, num_tiles, prompt_logprobs)
         logits = self.model.compute_logits(hidden[batch.sample_rows])  # [S, V] float32
         seqs = [c.seq for c in sample_chunks]
+        apply_grammar_bitmask(logits, seqs)  # structured outputs: -inf where a row's grammar forbids
         sampling = SamplingBatch.from_sequences(seqs, self.vocab_size, self.device, self.eos_token_ids)
         result = self.sampler(logits, sampling, consume=True)  # this step's own logits: no [B, V] copy needed
         sampled = {s.seq_id: int(t) for s, t in zip(seqs, result.token_ids, strict=True)}
@@ -161,7 +166,7 @@ class ModelRunner:
             for s, lp in zip(seqs, result.logprobs, strict=True):
                 if lp is not None:
                     logprobs[s.seq_id] = lp
-        return RunnerOutput(sampled, logprobs, num_tiles)
+        return RunnerOutput(sampled, logprobs, num_tiles, prompt_logprobs)
 
     def _prepare(self, chunks: list[ScheduledChunk]) -> _Batch:
         ids: list[int] = []

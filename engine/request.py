@@ -19,6 +19,30 @@ class FinishReason(enum.StrEnum):
     ERROR = "error"  # the request failed inside the engine; `StepOutput.error` says why
 
 
+STRUCTURED_OUTPUT_KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True, slots=True)
+class StructuredOutputParams:
+    """A constraint on the output, enforced token by token by a grammar (see engine/structured_output.py).
+
+    `kind` / `spec`:
+      "json_schema": a JSON Schema as JSON text;  "json_object": any JSON object (`spec` unused);
+      "regex": a regular expression (Rust `regex` syntax, anchored at both ends);
+      "choice": a JSON list of strings, the output is exactly one of them;
+      "grammar": a Lark grammar (llguidance's dialect, which can embed `%json {schema}`) or a GBNF grammar.
+    """
+
+    kind: str
+    spec: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in STRUCTURED_OUTPUT_KINDS:
+            raise ValueError(
+                f"structured output kind {self.kind!r}: use one of {', '.join(STRUCTURED_OUTPUT_KINDS)}"
+            )
+
+
 @dataclass(slots=True)
 class SamplingParams:
     """Per-request decoding settings (OpenAI names where OpenAI has them).
@@ -44,6 +68,9 @@ class SamplingParams:
     n: int = 1  # choices sharing the prompt's KV
     logprobs: int | None = None  # None: off; k >= 0: sampled token's logprob plus k top alternatives
     skip_special_tokens: bool = True
+    # --- structured outputs and prompt scoring (engine/structured_output.py, engine/prompt_logprobs.py)
+    structured_output: StructuredOutputParams | None = None  # constrain the output to a grammar
+    prompt_logprobs: int | None = None  # None: off; k >= 0: each prompt token's logprob (and rank) + k top
 
     def __post_init__(self) -> None:
         checks = [
@@ -62,6 +89,10 @@ class SamplingParams:
             (self.repetition_penalty > 0.0, "repetition_penalty must be > 0"),
             (self.n >= 1, "n must be at least 1"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "top_logprobs must be in [0, 20]"),
+            (
+                self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
+                "prompt_logprobs must be in [0, 20]",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -108,6 +139,7 @@ class TokenLogprob:
     token: str  # the token's text (may be a partial UTF-8 sequence rendered with U+FFFD)
     logprob: float
     top: list[tuple[int, str, float]] = field(default_factory=list)  # (token_id, text, logprob), best first
+    rank: int | None = None  # 1 = the most likely token; set for prompt tokens (vLLM's prompt_logprobs)
 
 
 @dataclass(slots=True)
@@ -129,6 +161,9 @@ class StepOutput:
     num_output_tokens: int = 0  # cumulative for this choice
     queue_time_s: float | None = None  # on the first output of a choice: arrival -> first scheduled, seconds
     error: str | None = None
+    # On the first output of choice 0 when `prompt_logprobs` was asked: one entry per prompt token, the first
+    # None (nothing predicts it).
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def finished(self) -> bool:

@@ -45,6 +45,7 @@ from plm_serve.engine.block_manager import BlockManager
 from plm_serve.engine.config import EngineConfig
 from plm_serve.engine.encoder_cache import EncoderBudget, EncoderCache, MediaPlan, plan_media
 from plm_serve.engine.errors import EngineOverloadedError, RequestRejectedError
+from plm_serve.engine.prompt_logprobs import needs_prompt_logprobs
 from plm_serve.engine.request import EngineRequest, FinishReason, MMInput
 from plm_serve.engine.sequence import Sequence, SequenceStatus
 from plm_serve.engine.stats import SchedulerStats
@@ -258,7 +259,8 @@ class Scheduler:
             self.waiting.popleft()
 
     def _admit(self, seq: Sequence, step: _Step) -> bool:
-        cached = self.block_manager.match_prefix(seq)
+        # A prompt being scored (prompt logprobs) is computed in full: cached positions would have no logits.
+        cached = 0 if needs_prompt_logprobs(seq) else self.block_manager.match_prefix(seq)
         num_new = min(seq.num_tokens - cached, step.tokens_left)
         plan = None
         if seq.mm_inputs:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -61,6 +62,8 @@ class Sequence:
 
     # Per-sequence RNG for seeded sampling, created lazily by the sampler on its device.
     generator: torch.Generator | None = None
+    # Structured outputs: this choice's grammar matcher (an llguidance.LLMatcher, see structured_output.py).
+    grammar: Any = None
 
     @property
     def num_tokens(self) -> int:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import jinja2.meta
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -53,17 +54,31 @@ class ChatTemplate:
     def __init__(self, source: str, special_tokens: dict[str, str]) -> None:
         self.source = source
         self._special_tokens = dict(special_tokens)
+        env = _environment()
         try:
-            self._template = _environment().from_string(source)
+            self._template = env.from_string(source)
+            variables = jinja2.meta.find_undeclared_variables(env.parse(source))
         except jinja2.TemplateSyntaxError as e:
             raise CheckpointConfigError(f"the chat template does not compile: {e}") from e
+        # A template that reads `tools` renders tools, tool calls and tool results itself (transformers'
+        # convention); for one that does not, the processor writes them in first (tool_prompt.py).
+        self.renders_tools = "tools" in variables
 
-    def render(self, messages: list[dict[str, Any]], *, add_generation_prompt: bool) -> str:
+    def render(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        add_generation_prompt: bool,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> str:
         """Render; template errors (e.g. `raise_exception` on a role order it refuses) become
         InvalidContentError."""
         try:
             return self._template.render(
-                messages=messages, add_generation_prompt=add_generation_prompt, **self._special_tokens
+                messages=messages,
+                add_generation_prompt=add_generation_prompt,
+                tools=tools,
+                **self._special_tokens,
             )
         except jinja2.TemplateError as e:
             raise InvalidContentError(

@@ -1,8 +1,10 @@
 """OpenAI-style chat messages -> plain template data + the media parts in placeholder order.
 
 Accepted: a non-empty list of {"role", "content"} dicts; roles system/developer (an alias of system), user,
-assistant; content a string, None (assistant turns without text) or a list of {"type": "text", "text": str}
-dicts and `ImageInput` / `VideoInput` objects. Deviation from the reference template, on purpose: a
+assistant, tool; content a string, None (assistant turns without text) or a list of {"type": "text", "text": str}
+dicts and `ImageInput` / `VideoInput` objects. An assistant message may carry OpenAI `tool_calls` and a tool
+message its `tool_call_id`; they are kept as plain data in transformers' shape (arguments parsed into objects),
+for the template or for `tool_prompt.py` to render. Deviation from the reference template, on purpose: a
 plain-string content is one text part (the PLM template silently drops it), and a leading system message is
 given to the template as one string (text parts joined with a newline), because the PLM template only renders
 a string system prompt.
@@ -10,13 +12,14 @@ a string system prompt.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
 from plm_serve.processors.content import ImageInput, VideoInput
 from plm_serve.processors.errors import InvalidContentError
 
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,15 +53,56 @@ def parse_messages(messages: Any, forbidden_markers: tuple[str, ...]) -> ParsedM
         role = _ROLES.get(message.get("role"))  # type: ignore[arg-type]
         if role is None:
             raise InvalidContentError(
-                f"unsupported role {message.get('role')!r}: use system, user or assistant",
+                f"unsupported role {message.get('role')!r}: use system, user, assistant or tool",
                 param=f"{where}.role",
             )
         parts = _parts(message.get("content"), f"{where}.content", forbidden_markers, images, videos)
         if role == "system" and i == 0:
-            out.append({"role": role, "content": _system_text(parts, f"{where}.content")})
+            out.append({"role": role, "content": _text_only(parts, f"{where}.content", "a system message")})
+        elif role == "tool":
+            text = _text_only(parts, f"{where}.content", "a tool message")
+            out.append(
+                {
+                    "role": role,
+                    "content": [{"type": "text", "text": text}],
+                    "tool_call_id": message.get("tool_call_id"),
+                }
+            )
+        elif role == "assistant" and message.get("tool_calls"):
+            calls = _tool_calls(message["tool_calls"], f"{where}.tool_calls")
+            out.append({"role": role, "content": parts, "tool_calls": calls})
         else:
             out.append({"role": role, "content": parts})
     return ParsedMessages(out, images, videos)
+
+
+def _tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
+    """OpenAI `tool_calls` -> [{"id", "type": "function", "function": {"name", "arguments": object}}]."""
+    if not isinstance(calls, list):
+        raise InvalidContentError("tool_calls must be a list", param=where)
+    out = []
+    for j, call in enumerate(calls):
+        at = f"{where}[{j}]"
+        function = call.get("function") if isinstance(call, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        if not isinstance(name, str) or not name:
+            raise InvalidContentError("a tool call needs function.name", param=f"{at}.function.name")
+        arguments = function.get("arguments", "{}")
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments or "{}")
+            except ValueError:
+                raise InvalidContentError(
+                    "tool call arguments must be a JSON object", param=f"{at}.function.arguments"
+                ) from None
+        if not isinstance(arguments, dict):
+            raise InvalidContentError(
+                "tool call arguments must be a JSON object", param=f"{at}.function.arguments"
+            )
+        out.append(
+            {"id": call.get("id"), "type": "function", "function": {"name": name, "arguments": arguments}}
+        )
+    return out
 
 
 def _parts(
@@ -110,7 +154,7 @@ def _check_text(text: str, where: str, markers: tuple[str, ...]) -> None:
             )
 
 
-def _system_text(parts: list[dict[str, Any]], where: str) -> str:
+def _text_only(parts: list[dict[str, Any]], where: str, what: str) -> str:
     if any(p["type"] != "text" for p in parts):
-        raise InvalidContentError("a system message may contain only text", param=where)
+        raise InvalidContentError(f"{what} may contain only text", param=where)
     return "\n".join(p["text"] for p in parts)

@@ -34,6 +34,7 @@ from plm_serve.processors.limits import MediaLimits
 from plm_serve.processors.messages import MediaPart, parse_messages
 from plm_serve.processors.tiling import Grid, select_grid, tile_image
 from plm_serve.processors.tokenizer import TokenizerConfig, load_tokenizer, load_tokenizer_config, token_id
+from plm_serve.processors.tool_prompt import render_tool_messages
 from plm_serve.processors.video import ProbedVideo, count_frames, decode_frames, frame_targets, probe_video
 
 
@@ -110,16 +111,22 @@ class Processor:
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, limits: MediaLimits | None = None, *, resize_device: str | None = None
+        cls,
+        path: str | Path,
+        limits: MediaLimits | None = None,
+        *,
+        resize_device: str | None = None,
+        chat_template: str | None = None,
     ) -> Processor:
-        """Load a checkpoint: tokenizer.json, tokenizer_config.json, chat template, processor config."""
+        """Load a checkpoint: tokenizer.json, tokenizer_config.json, chat template, processor config.
+        `chat_template` (template source) replaces the checkpoint's template."""
         folder = Path(path)
         settings = load_processor_settings(folder)  # first: a bad config fails before the slow tokenizer load
         tokenizer_config = load_tokenizer_config(folder)
         return cls(
             tokenizer=load_tokenizer(folder),
             tokenizer_config=tokenizer_config,
-            chat_template=load_chat_template(folder, tokenizer_config.raw),
+            chat_template=chat_template or load_chat_template(folder, tokenizer_config.raw),
             settings=settings,
             limits=limits,
             resize_device=resize_device,
@@ -154,10 +161,14 @@ class Processor:
         self,
         messages: list[dict[str, Any]],
         *,
+        tools: list[dict[str, Any]] | None = None,
         add_generation_prompt: bool = True,
         max_prompt_tokens: int | None = None,
     ) -> ProcessedPrompt:
-        """Messages -> token ids (chat template applied, placeholders expanded) and tiled media."""
+        """Messages -> token ids (chat template applied, placeholders expanded) and tiled media.
+
+        `tools` are OpenAI tool definitions ({"type": "function", "function": {...}}) to show the model; a
+        template that does not render tools itself gets them written in by `tool_prompt.py`."""
         markers = (self.tokenizer_config.image_token, self.tokenizer_config.video_token)
         parsed = parse_messages(messages, markers)
         count = len(parsed.images) + len(parsed.videos)
@@ -169,7 +180,7 @@ class Processor:
             )
         images = [self._plan_image(p) for p in parsed.images]
         videos = [self._plan_video(p) for p in parsed.videos]
-        text = self.template.render(parsed.messages, add_generation_prompt=add_generation_prompt)
+        text = self._render(parsed.messages, tools, add_generation_prompt)
         ids = self.tokenizer.encode(
             text, add_special_tokens=False
         ).ids  # the template already starts with BOS
@@ -208,6 +219,16 @@ class Processor:
                 param="prompt",
             )
         return ProcessedPrompt(ids, [])
+
+    def _render(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, add_generation_prompt: bool
+    ) -> str:
+        if self.template.renders_tools:
+            return self.template.render(
+                messages, add_generation_prompt=add_generation_prompt, tools=tools or None
+            )
+        messages = render_tool_messages(messages, tools)
+        return self.template.render(messages, add_generation_prompt=add_generation_prompt)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         """Token ids -> text."""

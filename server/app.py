@@ -86,7 +86,12 @@ async def _load(
     cfg = ctx.config
     try:
         if processor is None:
-            processor = await asyncio.to_thread(Processor.from_pretrained, cfg.model, limits=cfg.media)
+            processor = await asyncio.to_thread(
+                Processor.from_pretrained,
+                cfg.model,
+                limits=cfg.media,
+                chat_template=cfg.chat_template_source(),
+            )
         if engine is None:
             assert cfg.engine is not None
             logger.info(

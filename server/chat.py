@@ -1,9 +1,10 @@
 """POST /v1/chat/completions: request -> processors -> EngineRequest -> StepOutputs -> chunks or one response.
 
-1. `build_request`: fetch media (concurrently), tokenize and tile in the worker pool, reject over-long prompts
-   before the engine sees them.
+1. `build_request`: plan tools and the output constraint (compiled now: a bad schema is a 400), fetch media
+   (concurrently), tokenize and tile in the worker pool, reject over-long prompts before the engine sees them.
 2. `runner.open_generation`: submit and wait for the first output (errors are still HTTP statuses here).
-3. `stream_chunks` (SSE) or `collect` (one JSON body), both a straight walk over the StepOutputs.
+3. `stream_chunks` (SSE) or `collect` (one JSON body), both a straight walk over the StepOutputs; with tools,
+   each choice's text goes through a ToolCallParser (tool_parser.py) into content and tool-call deltas.
 """
 
 from __future__ import annotations
@@ -20,12 +21,12 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from plm_serve.engine import EngineClient, EngineRequest, MMInput, SamplingParams, StepOutput
-from plm_serve.processors import ImageInput, ProcessedPrompt, TokenBytes, VideoInput
+from plm_serve.engine import EngineClient, EngineRequest, StepOutput
+from plm_serve.processors import TokenBytes
 from plm_serve.server import sse
 from plm_serve.server.deps import ServerContext
-from plm_serve.server.errors import APIError, bad_request
-from plm_serve.server.logprobs import chat_logprobs
+from plm_serve.server.errors import bad_request
+from plm_serve.server.logprobs import chat_logprobs, prompt_logprobs_out
 from plm_serve.server.metrics import RequestRecorder
 from plm_serve.server.protocol import (
     AssistantMessage,
@@ -34,12 +35,16 @@ from plm_serve.server.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
-    ChatMessage,
     ChoiceLogprobs,
     Delta,
-    ImageURLPart,
-    TextPart,
-    VideoURLPart,
+)
+from plm_serve.server.protocol_tools import FunctionCallDelta, FunctionCallOut, ToolCallDelta, ToolCallOut
+from plm_serve.server.request_common import (
+    SYSTEM_FINGERPRINT,
+    constrain,
+    engine_request,
+    load_messages,
+    max_prompt_tokens,
 )
 from plm_serve.server.runner import (
     UsageCounter,
@@ -49,21 +54,25 @@ from plm_serve.server.runner import (
     open_generation,
 )
 from plm_serve.server.sse import SSEResponse
-
-SYSTEM_FINGERPRINT = "plm-serve"
+from plm_serve.server.structured import structured_output_of
+from plm_serve.server.tool_parser import ToolCallParser, ToolEvent
+from plm_serve.server.tools import ToolPlan, chat_tool_plan
 
 
 async def create_chat_completion(
     body: ChatCompletionRequest, http: Request, ctx: ServerContext, engine: EngineClient
 ) -> Response:
     body.check_supported()
+    if body.stream and body.prompt_logprobs is not None:
+        raise bad_request("prompt_logprobs are not available when stream is true", param="prompt_logprobs")
+    plan = chat_tool_plan(body.tools, body.tool_choice, body.parallel_tool_calls)
     arrival = time.monotonic()
     meta = ChatMeta(id=f"chatcmpl-{uuid.uuid4().hex}", model=ctx.model_name, include_usage=body.include_usage)
     recorder = RequestRecorder(ctx.metrics, arrival)
     usage = UsageCounter()
 
     async def start() -> AsyncGenerator[StepOutput, None]:
-        request = await build_request(body, ctx, engine, meta.id, arrival)
+        request = await build_request(body, plan, ctx, engine, meta.id, arrival)
         usage.prompt_tokens = len(request.prompt_token_ids)
         return await open_generation(engine, request, recorder)
 
@@ -71,10 +80,10 @@ async def create_chat_completion(
     n, token_bytes = body.num_choices, ctx.token_bytes
     if body.stream:
         outputs = await cancel_on_disconnect(http, start())
-        return SSEResponse(stream_chunks(outputs, meta, n, usage, token_bytes))
+        return SSEResponse(stream_chunks(outputs, meta, n, usage, token_bytes, plan))
 
     async def run() -> ChatCompletionResponse:
-        return await collect(await start(), meta, n, usage, token_bytes)
+        return await collect(await start(), meta, n, usage, token_bytes, plan, body.prompt_logprobs)
 
     response = await cancel_on_disconnect(http, run())
     return JSONResponse(response.model_dump(mode="json"))
@@ -82,100 +91,26 @@ async def create_chat_completion(
 
 # ----------------------------------------------------------------------------------------- request building
 async def build_request(
-    body: ChatCompletionRequest, ctx: ServerContext, engine: EngineClient, request_id: str, arrival: float
+    body: ChatCompletionRequest,
+    plan: ToolPlan,
+    ctx: ServerContext,
+    engine: EngineClient,
+    request_id: str,
+    arrival: float,
 ) -> EngineRequest:
     assert ctx.processor is not None
     params = body.to_sampling_params(ctx.processor.tokenizer.get_vocab_size())
+    answer = structured_output_of(body)
+    param = answer[1] if answer is not None else "tool_choice"
+    grammar = plan.grammar(answer[0] if answer is not None else None, param)
+    params = await constrain(params, engine, grammar, param, body.prompt_logprobs)
     limit = max_prompt_tokens(params, engine.max_model_len)
     messages = await load_messages(body.messages, ctx)
-    process = functools.partial(ctx.processor.process_chat, messages, max_prompt_tokens=limit)
+    process = functools.partial(
+        ctx.processor.process_chat, messages, tools=plan.prompt_tools, max_prompt_tokens=limit
+    )
     prompt = await asyncio.get_running_loop().run_in_executor(ctx.executor, process)
     return engine_request(request_id, prompt, params, arrival)
-
-
-def max_prompt_tokens(params: SamplingParams, max_model_len: int) -> int:
-    """The prompt may use what `max_tokens` leaves of the context (at least one token must fit)."""
-    if params.max_tokens is not None and params.max_tokens >= max_model_len:
-        raise bad_request(
-            f"max_tokens={params.max_tokens} leaves no room for the prompt: "
-            f"the context length is {max_model_len}",
-            param="max_tokens",
-        )
-    return max_model_len - (params.max_tokens or 1)
-
-
-def engine_request(
-    request_id: str, prompt: ProcessedPrompt, params: SamplingParams, arrival: float
-) -> EngineRequest:
-    media = [MMInput(m.content_hash, m.pixels, m.offset, m.length, m.kind) for m in prompt.media]
-    return EngineRequest(request_id, list(prompt.token_ids), params, media, arrival_time=arrival)
-
-
-async def load_messages(messages: list[ChatMessage], ctx: ServerContext) -> list[dict[str, Any]]:
-    """Protocol messages -> the processor's input, with every media URL fetched into bytes (all at once).
-
-    Messages keep their positions, so a processor error's `param` ("messages[1].content[0]") points into the
-    request.
-    """
-    cfg = ctx.config
-    num_media = sum(
-        isinstance(p, ImageURLPart | VideoURLPart)
-        for m in messages
-        if isinstance(m.content, list)
-        for p in m.content
-    )
-    if num_media > cfg.media.max_media_per_request:
-        raise APIError(
-            413,
-            f"{num_media} images/videos in one request; the limit is {cfg.media.max_media_per_request}",
-            param="messages",
-            code="media_too_large",
-        )
-    converted: list[dict[str, Any]] = []
-    pending: list[
-        tuple[list[Any], int, asyncio.Future]
-    ] = []  # (parts list, position, fetch producing the part)
-    for mi, message in enumerate(messages):
-        role = message.role  # the processor maps "developer" to "system" and validates the structure
-        if not isinstance(message.content, list):
-            converted.append({"role": role, "content": message.content})
-            continue
-        parts: list[Any] = []
-        for pi, part in enumerate(message.content):
-            param = f"messages[{mi}].content[{pi}]"
-            if isinstance(part, TextPart):
-                parts.append({"type": "text", "text": part.text})
-            else:
-                parts.append(None)
-                pending.append((parts, pi, asyncio.ensure_future(_load_part(part, ctx, param))))
-        converted.append({"role": role, "content": parts})
-    fetches = [fetch for _, _, fetch in pending]
-    try:
-        loaded = await asyncio.gather(*fetches)
-    except BaseException:
-        for fetch in fetches:
-            fetch.cancel()  # one bad URL fails the request: stop downloading the others
-        raise
-    for (parts, pi, _), value in zip(pending, loaded, strict=True):
-        parts[pi] = value
-    return converted
-
-
-async def _load_part(
-    part: ImageURLPart | VideoURLPart, ctx: ServerContext, param: str
-) -> ImageInput | VideoInput:
-    cfg = ctx.config
-    if isinstance(part, ImageURLPart):
-        img = part.image_url
-        data = await ctx.fetcher.fetch(
-            img.url, max_bytes=cfg.media.max_image_bytes, param=f"{param}.image_url.url"
-        )
-        return ImageInput(data=data, detail=img.detail, max_num_tiles=img.max_num_tiles)
-    video = part.video_url
-    data = await ctx.fetcher.fetch(
-        video.url, max_bytes=cfg.media.max_video_bytes, param=f"{param}.video_url.url"
-    )
-    return VideoInput(data=data, num_frames=video.num_frames, fps=video.fps)
 
 
 # ------------------------------------------------------------------------------------------------ responses
@@ -212,8 +147,11 @@ async def stream_chunks(
     n: int,
     usage: UsageCounter,
     token_bytes: TokenBytes,
+    plan: ToolPlan,
 ) -> AsyncIterator[str]:
-    """Role chunk per choice, content deltas, a finish chunk per choice, the usage chunk if asked, [DONE]."""
+    """Role chunk per choice, content / tool-call deltas, a finish chunk per choice, the usage chunk if asked,
+    [DONE]."""
+    parsers = [plan.parser() for _ in range(n)]
     try:
         for i in range(n):
             yield sse.event(meta.chunk([_choice(i, Delta(role="assistant", content=""))]))
@@ -224,7 +162,7 @@ async def stream_chunks(
                 if failure is not None:
                     yield sse.error_event(failure.body())
                     break
-                for event in _events(out, meta, token_bytes):
+                for event in _events(out, meta, token_bytes, parsers[out.index], plan):
                     yield event
             else:
                 if meta.include_usage:
@@ -234,13 +172,40 @@ async def stream_chunks(
     yield sse.DONE
 
 
-def _events(out: StepOutput, meta: ChatMeta, token_bytes: TokenBytes) -> Iterator[str]:
-    """One StepOutput as SSE events: its content delta (with logprobs), then its finish chunk if it has one."""
-    if out.text or out.logprobs:
-        logprobs = ChoiceLogprobs(content=chat_logprobs(out.logprobs, token_bytes)) if out.logprobs else None
-        yield sse.event(meta.chunk([_choice(out.index, Delta(content=out.text), logprobs)]))
+def _events(
+    out: StepOutput, meta: ChatMeta, token_bytes: TokenBytes, parser: ToolCallParser | None, plan: ToolPlan
+) -> Iterator[str]:
+    """One StepOutput as SSE events: its deltas (content, or tool calls when tools are parsed; logprobs on the
+    first), then its finish chunk if it has one."""
+    logprobs = ChoiceLogprobs(content=chat_logprobs(out.logprobs, token_bytes)) if out.logprobs else None
+    if parser is None:
+        deltas = [Delta(content=out.text)] if out.text or out.logprobs else []
+    else:
+        events = parser.feed(out.text) if out.text else []
+        if out.finish_reason is not None:
+            events += parser.finish()
+        deltas = [_delta(e) for e in events] or ([Delta()] if logprobs else [])
+    for i, delta in enumerate(deltas):
+        yield sse.event(meta.chunk([_choice(out.index, delta, logprobs if i == 0 else None)]))
     if out.finish_reason is not None:
-        yield sse.event(meta.chunk([_choice(out.index, Delta(), finish=out.finish_reason.value)]))
+        reason = plan.finish_reason(out.finish_reason.value, parser is not None and parser.called)
+        yield sse.event(meta.chunk([_choice(out.index, Delta(), finish=reason)]))
+
+
+def _delta(event: ToolEvent) -> Delta:
+    if event.content is not None:
+        return Delta(content=event.content)
+    assert event.index is not None
+    if event.call is not None:  # a new call: id, type and name first, as OpenAI streams them
+        function = FunctionCallDelta(name=event.call.name, arguments="")
+        return Delta(
+            tool_calls=[
+                ToolCallDelta(index=event.index, id=event.call.id, type="function", function=function)
+            ]
+        )
+    return Delta(
+        tool_calls=[ToolCallDelta(index=event.index, function=FunctionCallDelta(arguments=event.arguments))]
+    )
 
 
 async def collect(
@@ -249,10 +214,13 @@ async def collect(
     n: int,
     usage: UsageCounter,
     token_bytes: TokenBytes,
+    plan: ToolPlan,
+    num_prompt_logprobs: int | None = None,
 ) -> ChatCompletionResponse:
     texts: list[list[str]] = [[] for _ in range(n)]
     logprobs: list[list[Any] | None] = [None] * n
     finish: list[str | None] = [None] * n
+    prompt_scores = None
     async with aclosing(outputs):
         async for out in outputs:
             usage.observe(out)
@@ -260,19 +228,23 @@ async def collect(
             if failure is not None:
                 raise failure
             texts[out.index].append(out.text)
+            if out.prompt_logprobs is not None:
+                prompt_scores = prompt_logprobs_out(out.prompt_logprobs, num_prompt_logprobs or 0)
             if out.logprobs is not None:
                 logprobs[out.index] = (logprobs[out.index] or []) + chat_logprobs(out.logprobs, token_bytes)
             if out.finish_reason is not None:
                 finish[out.index] = out.finish_reason.value
-    choices = [
-        ChatCompletionChoice(
-            index=i,
-            message=AssistantMessage(content="".join(texts[i])),
-            logprobs=ChoiceLogprobs(content=logprobs[i]) if logprobs[i] is not None else None,
-            finish_reason=finish[i],
+    choices = []
+    for i in range(n):
+        message, called = _message("".join(texts[i]), plan.parser())
+        choices.append(
+            ChatCompletionChoice(
+                index=i,
+                message=message,
+                logprobs=ChoiceLogprobs(content=logprobs[i]) if logprobs[i] is not None else None,
+                finish_reason=plan.finish_reason(finish[i], called) if finish[i] is not None else None,
+            )
         )
-        for i in range(n)
-    ]
     return ChatCompletionResponse(
         id=meta.id,
         created=meta.created,
@@ -280,4 +252,19 @@ async def collect(
         choices=choices,
         usage=usage.usage(),
         system_fingerprint=SYSTEM_FINGERPRINT,
+        prompt_logprobs=prompt_scores,
     )
+
+
+def _message(text: str, parser: ToolCallParser | None) -> tuple[AssistantMessage, bool]:
+    """The assistant message of one choice's whole text: content, and tool calls when tools are parsed."""
+    if parser is None:
+        return AssistantMessage(content=text), False
+    parser.feed(text)
+    parser.finish()
+    calls = [
+        ToolCallOut(id=c.id, function=FunctionCallOut(name=c.name, arguments=c.arguments))
+        for c in parser.calls
+    ]
+    content = parser.content if parser.content or not calls else None
+    return AssistantMessage(content=content, tool_calls=calls or None), parser.called

@@ -65,6 +65,11 @@ class ServerConfig:
     allowed_local_media_path: str | None = None
     """Directory from which `file://` URLs and plain paths may be read; None = local files are refused."""
 
+    chat_template: str | None = None
+    """A jinja chat template replacing the checkpoint's: a file path, or the template text itself. A template
+    that reads `tools` renders tools and tool messages itself; otherwise they are written in the Llama 3.1 JSON
+    convention (docs/api.md)."""
+
     preprocess_workers: int = 2
     """Threads that decode and tile media off the event loop (more threads mostly fight over the GIL)."""
 
@@ -92,6 +97,14 @@ class ServerConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"invalid server config: {message}")
+        if (
+            self.chat_template is not None
+            and not self._inline_template()
+            and not Path(self.chat_template).is_file()
+        ):
+            raise ValueError(
+                f"invalid server config: chat_template={self.chat_template!r} is neither a file nor a jinja template"
+            )
         if self.allowed_local_media_path is not None and not Path(self.allowed_local_media_path).is_dir():
             raise ValueError(
                 f"invalid server config: allowed_local_media_path={self.allowed_local_media_path!r} "
@@ -102,6 +115,15 @@ class ServerConfig:
     def model_name(self) -> str:
         """The id of the served model: `served_model_name`, else the checkpoint folder's name."""
         return self.served_model_name or Path(self.model.rstrip("/\\")).name or self.model
+
+    def chat_template_source(self) -> str | None:
+        """The override template's text: the file's content when `chat_template` names a file."""
+        if self.chat_template is None or self._inline_template():
+            return self.chat_template
+        return Path(self.chat_template).read_text(encoding="utf-8")
+
+    def _inline_template(self) -> bool:
+        return self.chat_template is not None and ("{{" in self.chat_template or "{%" in self.chat_template)
 
     def replace(self, **changes: Any) -> ServerConfig:
         return dataclasses.replace(self, **changes)

@@ -18,7 +18,10 @@ from plm_serve.server.metrics import ServerMetrics
 
 COUNTED_ROUTES = frozenset(
     {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/version"}
+    | {"/v1/responses", "/tokenize", "/detokenize"}
 )
+# Routes outside /v1 that serve the model and so need the API key like /v1 does (vLLM's paths).
+KEYED_ROUTES = frozenset({"/tokenize", "/detokenize"})
 
 
 async def _send_error(send: Send, err: APIError) -> None:
@@ -94,7 +97,11 @@ class ApiKeyAuth:
         self.expected = f"Bearer {api_key}".encode() if api_key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.expected is not None and scope["type"] == "http" and scope["path"].startswith("/v1"):
+        if (
+            self.expected is not None
+            and scope["type"] == "http"
+            and (scope["path"].startswith("/v1") or scope["path"] in KEYED_ROUTES)
+        ):
             given = dict(scope["headers"]).get(b"authorization", b"")
             if not hmac.compare_digest(given, self.expected):  # constant time: no key-guessing by timing
                 err = APIError(

@@ -12,26 +12,24 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, Field, field_validator
 
 from plm_serve.engine import SamplingParams
 from plm_serve.server.errors import bad_request
+from plm_serve.server.protocol_base import OpenAIBaseModel
+from plm_serve.server.protocol_tools import (
+    ChatTool,
+    OmitWhenNone,
+    PromptLogprob,
+    ResponseFormat,
+    StructuredOutputsOptions,
+    ToolCallDelta,
+    ToolCallIn,
+    ToolCallOut,
+    ToolChoice,
+)
 
 logger = logging.getLogger(__name__)
-
-
-class OpenAIBaseModel(BaseModel):
-    """Accepts unknown fields (OpenAI adds some every few months) and logs which ones it ignored."""
-
-    model_config = ConfigDict(extra="allow")
-
-    def model_post_init(self, context: Any, /) -> None:
-        if self.model_extra:
-            logger.warning(
-                "%s: the following fields were present in the request but ignored: %s",
-                type(self).__name__,
-                sorted(self.model_extra),
-            )
 
 
 # -------------------------------------------------------------------------------------------- content parts
@@ -81,17 +79,15 @@ ContentPart = Annotated[TextPart | ImageURLPart | VideoURLPart, Field(discrimina
 
 
 class ChatMessage(OpenAIBaseModel):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None  # an assistant turn's calls, sent back in the history
+    tool_call_id: str | None = None  # a tool result: the call it answers
 
 
 class StreamOptions(OpenAIBaseModel):
     include_usage: bool = False
-
-
-class ResponseFormat(OpenAIBaseModel):
-    type: Literal["text", "json_object", "json_schema"]
 
 
 class _SamplingMixin:
@@ -210,6 +206,7 @@ class ChatCompletionRequest(_SamplingMixin, OpenAIBaseModel):
     max_completion_tokens: PositiveInt | None = None
     max_tokens: PositiveInt | None = None
     n: NumChoices | None = None
+    parallel_tool_calls: bool | None = None
     presence_penalty: Penalty | None = None
     response_format: ResponseFormat | None = None
     seed: int | None = None
@@ -217,8 +214,8 @@ class ChatCompletionRequest(_SamplingMixin, OpenAIBaseModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     temperature: Temperature | None = None
-    tool_choice: Any = None
-    tools: list[Any] | None = None
+    tool_choice: ToolChoice | None = None
+    tools: list[ChatTool] | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     top_p: Probability | None = None
     user: str | None = None
@@ -230,6 +227,12 @@ class ChatCompletionRequest(_SamplingMixin, OpenAIBaseModel):
     ignore_eos: bool | None = None
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool | None = None
+    prompt_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    structured_outputs: StructuredOutputsOptions | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     # --- end of extensions
 
     def _max_tokens(self) -> int | None:
@@ -242,14 +245,8 @@ class ChatCompletionRequest(_SamplingMixin, OpenAIBaseModel):
         return (self.top_logprobs or 0) if self.logprobs else None
 
     def check_supported(self) -> None:
-        """Reject features this server does not implement instead of silently ignoring them."""
-        if self.tools and self.tool_choice != "none":
-            raise bad_request("tools (function calling) are not supported by this server", param="tools")
-        if self.response_format is not None and self.response_format.type != "text":
-            raise bad_request(
-                f"response_format {self.response_format.type!r} is not supported; only 'text'",
-                param="response_format",
-            )
+        """Reject features this server does not implement instead of silently ignoring them (tools and
+        structured outputs are checked where they are planned: server/tools.py, server/structured.py)."""
 
 
 class CompletionRequest(_SamplingMixin, OpenAIBaseModel):
@@ -263,7 +260,7 @@ class CompletionRequest(_SamplingMixin, OpenAIBaseModel):
     frequency_penalty: Penalty | None = None
     logit_bias: dict[str, float] | None = None
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-    max_tokens: PositiveInt | None = None
+    max_tokens: NonNegativeInt | None = None  # 0 only with echo: score the prompt, generate nothing
     n: NumChoices | None = None
     presence_penalty: Penalty | None = None
     seed: int | None = None
@@ -282,19 +279,33 @@ class CompletionRequest(_SamplingMixin, OpenAIBaseModel):
     ignore_eos: bool | None = None
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool | None = None
+    prompt_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsOptions | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
     # --- end of extensions
 
     def _max_tokens(self) -> int | None:
-        return (
-            self.max_tokens
-        )  # unset -> up to the context length (OpenAI's default of 16 truncates silently)
+        # Unset -> up to the context length (OpenAI's default of 16 truncates silently). 0 (echo, pure scoring)
+        # runs one step whose token the response drops: the engine always samples at least one token.
+        return 1 if self.max_tokens == 0 else self.max_tokens
+
+    @property
+    def scores_only(self) -> bool:
+        """`max_tokens: 0` with echo: the response is the prompt and its logprobs, nothing generated."""
+        return self.max_tokens == 0
 
     def _num_logprobs(self) -> int | None:
         return self.logprobs
 
     def check_supported(self) -> None:
-        if self.echo:
-            raise bad_request("echo is not supported by this server", param="echo")
+        if self.max_tokens == 0 and not self.echo:
+            raise bad_request(
+                "max_tokens 0 is only allowed with echo (to score the prompt)", param="max_tokens"
+            )
         if self.suffix:
             raise bad_request("suffix is not supported by this server", param="suffix")
         if self.best_of is not None and self.best_of != self.num_choices:
@@ -342,10 +353,13 @@ class ChoiceLogprobs(BaseModel):
     refusal: list[TokenLogprobOut] | None = None
 
 
-class AssistantMessage(BaseModel):
+class AssistantMessage(OmitWhenNone):
+    OMIT_WHEN_NONE = ("tool_calls",)
+
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     refusal: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatCompletionChoice(BaseModel):
@@ -355,7 +369,9 @@ class ChatCompletionChoice(BaseModel):
     finish_reason: str | None = None
 
 
-class ChatCompletionResponse(BaseModel):
+class ChatCompletionResponse(OmitWhenNone):
+    OMIT_WHEN_NONE = ("prompt_logprobs",)
+
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int
@@ -363,11 +379,13 @@ class ChatCompletionResponse(BaseModel):
     choices: list[ChatCompletionChoice]
     usage: Usage
     system_fingerprint: str | None = None
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None  # vLLM's extension
 
 
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):
@@ -398,11 +416,14 @@ class CompletionLogprobs(BaseModel):
     top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
 
 
-class CompletionChoice(BaseModel):
+class CompletionChoice(OmitWhenNone):
+    OMIT_WHEN_NONE = ("prompt_logprobs",)
+
     text: str
     index: int
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None  # vLLM's extension
 
 
 class CompletionResponse(BaseModel):

@@ -237,7 +237,7 @@ def test_invalid_parts(processor, part, match: str) -> None:
         ([], "messages"),
         ("hello", "messages"),
         ([{"role": "user", "content": "ok"}, "not a dict"], "messages[1]"),
-        ([{"role": "tool", "content": "x"}], "messages[0].role"),
+        ([{"role": "function", "content": "x"}], "messages[0].role"),
         ([{"content": "x"}], "messages[0].role"),
         ([{"role": "user", "content": 5}], "messages[0].content"),
         (

@@ -18,6 +18,7 @@ from plm_serve.engine import (
     FinishReason,
     RequestRejectedError,
     StepOutput,
+    StructuredOutputParams,
     TokenLogprob,
 )
 
@@ -43,6 +44,7 @@ class FakeEngine:
     abort_calls: list[str] = field(default_factory=list)
     accepting: bool = True
     shutdown_calls: list[float] = field(default_factory=list)
+    compiled: list[StructuredOutputParams] = field(default_factory=list)  # grammars the server had compiled
     _abort_events: dict[str, asyncio.Event] = field(default_factory=dict)
 
     async def generate(self, request: EngineRequest):
@@ -106,6 +108,10 @@ class FakeEngine:
             queue_time_s=0.001 if step == 0 else None,
             error=error,
         )
+
+    async def compile_grammar(self, params: StructuredOutputParams) -> None:
+        """Records the grammar; the outputs follow the script, not the grammar (live tests check those)."""
+        self.compiled.append(params)
 
     async def abort(self, request_id: str) -> None:
         self.abort_calls.append(request_id)

@@ -40,11 +40,16 @@ def still_serves(client) -> None:
         (chat_body("Hi", stop=5), "stop"),
         ({"model": MODEL_NAME, "messages": []}, "messages"),
         ({"model": MODEL_NAME}, "messages"),
-        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "function", "content": "x"}]}, "messages[0].role"),
         (chat_body([{"type": "image_url", "image_url": {"url": "x", "detail": "max"}}]), None),
         (chat_body([{"type": "input_audio", "input_audio": {}}]), "messages[0].content[0]"),
-        (chat_body("Hi", tools=[{"type": "function", "function": {"name": "f"}}]), "tools"),
-        (chat_body("Hi", response_format={"type": "json_schema"}), "response_format"),
+        (
+            chat_body("Hi", tools=[{"type": "function", "function": {"name": "a b"}}]),
+            "tools[0].function.name",
+        ),
+        (chat_body("Hi", tool_choice="required"), "tool_choice"),
+        (chat_body("Hi", response_format={"type": "json_schema"}), "response_format.json_schema"),
+        (chat_body("Hi", response_format={"type": "json_object"}, guided_regex="a+"), "guided_regex"),
     ],
 )
 def test_invalid_parameters_are_400_with_param(client, body, param):
