@@ -24,6 +24,7 @@ from plm_serve.engine import EngineConfig
 from plm_serve.server.app import create_app, drain
 from plm_serve.server.config import ServerConfig, server_field_names
 from plm_serve.server.demo import ensure_demo_checkpoint
+from plm_serve.server.logs import LOG_FORMATS, configure_logging, uvicorn_log_config
 from plm_serve.server.version import VERSION
 
 logger = logging.getLogger("plm_serve.server")
@@ -90,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="serving preset: a YAML file, or a shipped name (plm-1b, plm-3b, plm-8b, tiny-random); flags given here override it",
     )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--log-format",
+        default="text",
+        choices=LOG_FORMATS,
+        help="text lines, or one JSON object per line carrying the request id (for log collectors)",
+    )
     engine = parser.add_argument_group("engine")
     for flag, kwargs in ENGINE_FLAGS:
         engine.add_argument(flag, default=None, **kwargs)
@@ -182,7 +189,7 @@ class GracefulServer(uvicorn.Server):
             await draining
 
 
-def serve(config: ServerConfig, log_level: str = "info") -> int:
+def serve(config: ServerConfig, log_level: str = "info", log_format: str = "text") -> int:
     server: GracefulServer | None = None
 
     def on_load_failure(exc: BaseException) -> None:
@@ -195,6 +202,7 @@ def serve(config: ServerConfig, log_level: str = "info") -> int:
         host=config.host,
         port=config.port,
         log_level=log_level,
+        log_config=uvicorn_log_config(log_format),
         timeout_graceful_shutdown=int(config.shutdown_grace_seconds) + 5,  # a backstop behind drain()
     )
     server = GracefulServer(uv_config, config.shutdown_grace_seconds)
@@ -204,11 +212,9 @@ def serve(config: ServerConfig, log_level: str = "info") -> int:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(args.log_level, args.log_format)
     config = build_configs(args, dict(os.environ))
-    sys.exit(serve(config, args.log_level))
+    sys.exit(serve(config, args.log_level, args.log_format))
 
 
 if __name__ == "__main__":
