@@ -84,3 +84,78 @@ def pinned_versions() -> dict[str, str]:
 
 def normalize(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def server_metric_samples() -> dict[str, set[str]]:
+    """{sample name: label names} of everything plm-serve's /metrics exports (labelled families observed
+    once so they show), rendered by the server's own ServerMetrics over a FakeEngine."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from plm_serve.server.metrics import ServerMetrics
+    from tests.server.fake_engine import FakeEngine
+
+    metrics = ServerMetrics(lambda: FakeEngine())
+    metrics.http_requests.labels("/v1/chat/completions", "200").inc()
+    metrics.request_success.labels("stop").inc()
+    samples: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(metrics.render().decode()):
+        for sample in family.samples:
+            samples.setdefault(sample.name, set()).update(sample.labels)
+    return samples
+
+
+METRIC_SELECTOR = re.compile(r"\b((?:plm|smg)_[a-z0-9_]+)(\{[^}]*\})?")
+
+
+def referenced_metrics(expr: str) -> list[tuple[str, set[str]]]:
+    """(metric name, label names in its selector) for each metric a PromQL expression reads."""
+    found = []
+    for match in METRIC_SELECTOR.finditer(expr):
+        labels = set(re.findall(r"([a-z_]+)\s*(?:=~|!~|!=|=)", match[2] or ""))
+        found.append((match[1], labels))
+    return found
+
+
+def flag_values(tokens: list[str]) -> dict[str, tuple[str, ...]]:
+    """`--flag v1 v2 --switch` -> {"--flag": ("v1", "v2"), "--switch": ()}; a repeated flag keeps the last."""
+    flags: dict[str, tuple[str, ...]] = {}
+    current = None
+    for token in tokens:
+        if token.startswith("--"):
+            current = token
+            flags[current] = ()
+        elif current is not None:
+            flags[current] = (*flags[current], token)
+    return flags
+
+
+def launcher_flags() -> dict[str, tuple[str, ...]]:
+    """The flags deploy/router/smg-launch.sh gives `smg launch` (before the caller's)."""
+    import shlex
+
+    text = (DEPLOY / "router" / "smg-launch.sh").read_text(encoding="utf-8")
+    command = text[text.index("exec smg launch") :].replace("\\\n", " ")
+    tokens = shlex.split(command)[3:]
+    assert tokens[-1] == "$@"
+    return flag_values(tokens[:-1])
+
+
+# Where each deployment puts the router and finds the replicas: these flags differ by design.
+PLACEMENT_FLAGS = {
+    "--host",
+    "--port",
+    "--worker-urls",
+    "--service-discovery",
+    "--selector",
+    "--service-discovery-port",
+    "--service-discovery-namespace",
+}
+
+
+def routing_flags(flags: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+    return {flag: values for flag, values in flags.items() if flag not in PLACEMENT_FLAGS}
+
+
+def grouping_labels(expr: str) -> set[str]:
+    """Label names of `by (...)` clauses."""
+    return {label.strip() for group in re.findall(r"\bby \(([^)]*)\)", expr) for label in group.split(",")}

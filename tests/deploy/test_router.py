@@ -22,6 +22,7 @@ import pytest
 from plm_serve.server.demo import ensure_demo_checkpoint
 from plm_serve.server.version import VERSION
 from tests import reference
+from tests.deploy.files import DEPLOY, flag_values, grouping_labels, referenced_metrics
 from tests.deploy.fleet import ROUTED_WORKER_HEADER, Fleet, fleet_env, free_port, scrape
 from tests.server import media
 
@@ -200,6 +201,30 @@ def test_a_request_id_is_followed_from_the_client_to_the_replica_log(cluster):
         "/v1/chat/completions",
         200,
     )
+
+
+def test_the_router_metrics_the_dashboard_reads_are_exported(cluster):
+    """deploy/grafana/plm-serve.json's `smg_*` series exist on this router's /metrics, with those labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    dashboard = json.loads((DEPLOY / "grafana" / "plm-serve.json").read_text(encoding="utf-8"))
+    exprs = [t["expr"] for p in dashboard["panels"] if p["type"] != "row" for t in p["targets"]]
+    wanted = [ref for expr in exprs for ref in referenced_metrics(expr) if ref[0].startswith("smg_")]
+    assert wanted
+    (process,) = [p for p in cluster.fleet.processes if p.name == "router-cache_aware"]
+    metrics_port = flag_values(process.proc.args)["--prometheus-port"][-1]
+    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).text
+    exported: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            exported.setdefault(sample.name, set()).update(sample.labels)
+    for name, labels in wanted:
+        assert name in exported, f"{name} is not on the router's /metrics"
+        assert labels <= exported[name], (name, labels)
+    for expr in exprs:
+        names = [name for name, _ in referenced_metrics(expr)]
+        if names and all(n.startswith("smg_") for n in names):
+            assert grouping_labels(expr) <= set().union(*(exported[n] for n in names)), expr
 
 
 def stream_until_done(router: str, body: dict, out: dict, started: threading.Event) -> None:
