@@ -159,3 +159,13 @@ def routing_flags(flags: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...
 def grouping_labels(expr: str) -> set[str]:
     """Label names of `by (...)` clauses."""
     return {label.strip() for group in re.findall(r"\bby \(([^)]*)\)", expr) for label in group.split(",")}
+
+
+def default_drain_seconds() -> float:
+    """ServerConfig's default --shutdown-grace-seconds (a slots dataclass: read it from its fields)."""
+    import dataclasses
+
+    from plm_serve.server.config import ServerConfig
+
+    (field,) = [f for f in dataclasses.fields(ServerConfig) if f.name == "shutdown_grace_seconds"]
+    return field.default

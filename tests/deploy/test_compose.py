@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 from plm_serve.server import __main__ as cli
-from plm_serve.server.config import ServerConfig
 from tests.deploy.files import (
     DEPLOY,
     REPO,
+    default_drain_seconds,
     flag_values,
     launcher_flags,
     pinned_versions,
@@ -63,7 +63,7 @@ def test_the_replica_command_is_valid_and_the_stop_grace_covers_the_drain():
     for service in REPLICAS.values():
         args = cli.build_parser().parse_args(service["command"])
         assert args.model.startswith("/models/") and args.log_format == "json"
-        grace = float(args.shutdown_grace_seconds or ServerConfig.shutdown_grace_seconds)
+        grace = float(args.shutdown_grace_seconds or default_drain_seconds())
         # drain + uvicorn's 5 s backstop + time to exit, before Docker's SIGKILL
         assert seconds(service["stop_grace_period"]) >= grace + 5 + 5
 
