@@ -75,7 +75,8 @@ LABEL org.opencontainers.image.title="plm-serve" \
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 gcc libc6-dev libpython3-dev \
     && rm -rf /var/lib/apt/lists/* \
-    && useradd --uid 10001 --user-group --create-home --shell /usr/sbin/nologin plm \
+    && groupadd --gid 10001 plm \
+    && useradd --uid 10001 --gid 10001 --create-home --shell /usr/sbin/nologin plm \
     && mkdir /models
 COPY --from=builder /opt/venv /opt/venv
 # XDG_CACHE_HOME: where the demo checkpoint is built on first use (writable by the server's user).

@@ -93,6 +93,8 @@ def test_runtime_user_volume_port_healthcheck_and_entrypoint_agree():
     runtime = dict(STAGES["runtime"])  # the last of each keyword
     uid, _, gid = runtime["USER"].partition(":")
     assert uid.isdigit() and int(uid) > 0 and gid.isdigit()  # numeric, so runAsNonRoot can verify it
+    (setup,) = [a for keyword, a in STAGES["runtime"] if keyword == "RUN" and "useradd" in a]
+    assert f"groupadd --gid {gid} " in setup and f"useradd --uid {uid} --gid {gid} " in setup
     assert json.loads(runtime["VOLUME"]) == ["/models"]
     assert runtime["EXPOSE"] == "8000"
     entrypoint = json.loads(runtime["ENTRYPOINT"])
