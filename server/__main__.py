@@ -25,6 +25,7 @@ from plm_serve.processors import MediaLimits
 from plm_serve.server.config import ServerConfig
 from plm_serve.server.flags import SettingsError, add_flags, settings
 from plm_serve.server.presets import load_preset
+from plm_serve.server.logs import LOG_FORMATS, configure_logging, uvicorn_log_config
 from plm_serve.server.version import VERSION
 
 logger = logging.getLogger("plm_serve.server")
@@ -51,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
         "flags given here override it",
     )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--log-format",
+        default="text",
+        choices=LOG_FORMATS,
+        help="text lines, or one JSON object per line carrying the request id (for log collectors)",
+    )
     add_flags(parser)
     return parser
 
@@ -129,7 +136,7 @@ class GracefulServer(uvicorn.Server):
             await draining
 
 
-def serve(config: ServerConfig, log_level: str = "info") -> int:
+def serve(config: ServerConfig, log_level: str = "info", log_format: str = "text") -> int:
     from plm_serve.server.app import create_app  # the web stack and the engine: not needed for --help
 
     server: GracefulServer | None = None
@@ -144,6 +151,7 @@ def serve(config: ServerConfig, log_level: str = "info") -> int:
         host=config.host,
         port=config.port,
         log_level=log_level,
+        log_config=uvicorn_log_config(log_format),
         timeout_graceful_shutdown=int(config.shutdown_grace_seconds) + 5,  # a backstop behind drain()
     )
     server = GracefulServer(uv_config, config.shutdown_grace_seconds)
@@ -153,11 +161,9 @@ def serve(config: ServerConfig, log_level: str = "info") -> int:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(args.log_level, args.log_format)
     config = build_configs(args, dict(os.environ))
-    sys.exit(serve(config, args.log_level))
+    sys.exit(serve(config, args.log_level, args.log_format))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import uuid
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from plm_serve.server.errors import APIError
+from plm_serve.server.logs import current_request_id
 from plm_serve.server.metrics import ServerMetrics
 
 COUNTED_ROUTES = frozenset(
@@ -48,6 +49,9 @@ class RequestId:
         given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
         request_id = given if _CLIENT_REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
+        # Not reset on the way out: the request's task ends with it, and the outermost error handler (which
+        # logs unexpected errors after this middleware has returned) still sees the id.
+        current_request_id.set(request_id)
 
         async def tagging_send(message: Message) -> None:
             if message["type"] == "http.response.start":
