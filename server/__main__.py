@@ -24,8 +24,8 @@ from plm_serve.engine import EngineConfig
 from plm_serve.processors import MediaLimits
 from plm_serve.server.config import ServerConfig
 from plm_serve.server.flags import SettingsError, add_flags, settings
-from plm_serve.server.presets import load_preset
 from plm_serve.server.logs import LOG_FORMATS, configure_logging, uvicorn_log_config
+from plm_serve.server.presets import load_preset
 from plm_serve.server.version import VERSION
 
 logger = logging.getLogger("plm_serve.server")

@@ -5,11 +5,11 @@ server's drain, the router's discovery and flags, the autoscaler's metric end to
 from __future__ import annotations
 
 import copy
+import tomllib
 from pathlib import Path
 
 import kubernetes_validate
 import pytest
-import tomllib
 
 from plm_serve.server import __main__ as cli
 from tests.deploy.files import (
