@@ -31,6 +31,7 @@ from plm_serve.engine.request import TokenLogprob
 if TYPE_CHECKING:
     from plm_serve.engine.scheduler import ScheduledChunk
     from plm_serve.engine.sequence import Sequence as EngineSequence
+    from plm_serve.models import PerceptionLM
 
 ROWS_PER_SLICE = 128
 
@@ -52,7 +53,7 @@ def needs_prompt_logprobs(seq: EngineSequence) -> bool:
 
 
 def compute_prompt_logprobs(
-    model: torch.nn.Module, hidden: torch.Tensor, chunks: Sequence[ScheduledChunk]
+    model: PerceptionLM, hidden: torch.Tensor, chunks: Sequence[ScheduledChunk]
 ) -> dict[int, list[PromptTokenLogprob]]:
     """Scores of the prompt tokens that this step's chunks predict. hidden: [T, H], the chunks' rows back to
     back in `chunks` order; `model.compute_logits` maps [N, H] -> [N, V] fp32. Returns seq_id -> entries."""
@@ -77,7 +78,7 @@ def compute_prompt_logprobs(
 
 
 def _score(
-    model: torch.nn.Module, rows: torch.Tensor, targets: list[int], first_position: int, k: int
+    model: PerceptionLM, rows: torch.Tensor, targets: list[int], first_position: int, k: int
 ) -> list[PromptTokenLogprob]:
     logprobs = torch.log_softmax(model.compute_logits(rows).float(), dim=-1)  # [N, V]
     target = torch.tensor(targets, dtype=torch.long, device=logprobs.device)[:, None]

@@ -61,8 +61,9 @@ class PerceptionLM(nn.Module):
     def reset_buffers(self) -> None:
         """Recompute the non-persistent RoPE tables (after materializing a model built on the meta device)."""
         for module in self.modules():
-            if module is not self and hasattr(module, "reset_buffers"):
-                module.reset_buffers()
+            reset = getattr(module, "reset_buffers", None) if module is not self else None
+            if callable(reset):
+                reset()
 
     @property
     def dtype(self) -> torch.dtype:

@@ -43,6 +43,8 @@ class VisionRope2D(nn.Module):
         super().__init__()
         self.cfg = cfg
         n = cfg.num_prefix_tokens + cfg.grid_size**2
+        self.cos: torch.Tensor
+        self.sin: torch.Tensor
         self.register_buffer("cos", torch.empty(n, cfg.head_dim), persistent=False)
         self.register_buffer("sin", torch.empty(n, cfg.head_dim), persistent=False)
         self.reset_buffers()

@@ -87,6 +87,7 @@ def _tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
         name = function.get("name") if isinstance(function, dict) else None
         if not isinstance(name, str) or not name:
             raise InvalidContentError("a tool call needs function.name", param=f"{at}.function.name")
+        assert isinstance(function, dict)  # a str name was read from it
         arguments = function.get("arguments", "{}")
         if isinstance(arguments, str):
             try:

@@ -242,7 +242,9 @@ async def collect(
                 index=i,
                 message=message,
                 logprobs=ChoiceLogprobs(content=logprobs[i]) if logprobs[i] is not None else None,
-                finish_reason=plan.finish_reason(finish[i], called) if finish[i] is not None else None,
+                finish_reason=plan.finish_reason(reason, called)
+                if (reason := finish[i]) is not None
+                else None,
             )
         )
     return ChatCompletionResponse(

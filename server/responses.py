@@ -46,6 +46,7 @@ from plm_serve.server.responses_protocol import (
     InputImage,
     InputMessage,
     InputTokensDetails,
+    ItemStatus,
     OutputFunctionCall,
     OutputItem,
     OutputMessage,
@@ -188,7 +189,7 @@ def _response_template(body: ResponsesRequest, response_id: str, model: str) -> 
         if body.tool_choice is not None and not isinstance(body.tool_choice, str)
         else body.tool_choice
     )
-    return ResponseObject(
+    response = ResponseObject(
         id=response_id,
         created_at=int(time.time()),
         status="in_progress",
@@ -201,8 +202,10 @@ def _response_template(body: ResponsesRequest, response_id: str, model: str) -> 
         tool_choice=choice or ("auto" if body.tools else "none"),
         tools=[t.model_dump(exclude_none=True) for t in body.tools or []],
         metadata=body.metadata or {},
-        **({"text": text} if text else {}),
     )
+    if text:
+        response.text = text
+    return response
 
 
 # ------------------------------------------------------------------------------------------------ responses
@@ -231,7 +234,7 @@ def _finished(
     )
 
 
-def _call_item(call: ParsedCall, status: str) -> OutputFunctionCall:
+def _call_item(call: ParsedCall, status: ItemStatus) -> OutputFunctionCall:
     return OutputFunctionCall(
         id=f"fc_{call.id.removeprefix('call_')}",
         call_id=call.id,
@@ -261,7 +264,7 @@ async def collect(
         parser.feed(text)
         parser.finish()
         text, calls = parser.content, parser.calls
-    status = "incomplete" if reason == "length" else "completed"
+    status: ItemStatus = "incomplete" if reason == "length" else "completed"
     output: list[OutputItem] = []
     if text or not calls:
         output.append(
@@ -349,7 +352,7 @@ class _EventWriter:
             )
         return events
 
-    def close(self, status: str) -> list[str]:
+    def close(self, status: ItemStatus) -> list[str]:
         """Close the open item (a message's text and part first)."""
         events = []
         index = self._index()
@@ -420,7 +423,7 @@ async def stream_events(
                     if not writer.output:
                         for line in writer.add(ToolEvent(content="")):
                             yield line
-                    status = "incomplete" if out.finish_reason.value == "length" else "completed"
+                    status: ItemStatus = "incomplete" if out.finish_reason.value == "length" else "completed"
                     for line in writer.close(status):
                         yield line
                     final = _finished(template, writer.output, out.finish_reason.value, usage)

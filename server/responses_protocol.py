@@ -15,6 +15,8 @@ from plm_serve.server.protocol import Penalty, PositiveInt, Probability, StreamO
 from plm_serve.server.protocol_base import OpenAIBaseModel
 from plm_serve.server.protocol_tools import FunctionName
 
+ItemStatus = Literal["in_progress", "completed", "incomplete"]
+
 
 # ------------------------------------------------------------------------------------------------ requests
 class InputText(OpenAIBaseModel):
@@ -139,7 +141,7 @@ class OutputText(BaseModel):
 class OutputMessage(BaseModel):
     type: Literal["message"] = "message"
     id: str
-    status: Literal["in_progress", "completed", "incomplete"]
+    status: ItemStatus
     role: Literal["assistant"] = "assistant"
     content: list[OutputText]
 
@@ -150,7 +152,7 @@ class OutputFunctionCall(BaseModel):
     call_id: str
     name: str
     arguments: str
-    status: Literal["in_progress", "completed", "incomplete"]
+    status: ItemStatus
 
 
 OutputItem = OutputMessage | OutputFunctionCall
@@ -180,7 +182,7 @@ class ResponseObject(BaseModel):
     id: str
     object: Literal["response"] = "response"
     created_at: int
-    status: Literal["in_progress", "completed", "incomplete"]
+    status: ItemStatus
     error: dict[str, Any] | None = None
     incomplete_details: IncompleteDetails | None = None
     instructions: str | None = None

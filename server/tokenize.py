@@ -78,7 +78,7 @@ async def tokenize(body: TokenizeRequest, ctx: ServerContext, engine: EngineClie
         )
         prompt: ProcessedPrompt = await asyncio.get_running_loop().run_in_executor(ctx.executor, process)
         ids = prompt.token_ids
-    strs = [processor.tokenizer.id_to_token(i) for i in ids] if body.return_token_strs else None
+    strs = [processor.tokenizer.id_to_token(i) or "" for i in ids] if body.return_token_strs else None
     response = TokenizeResponse(
         count=len(ids), max_model_len=engine.max_model_len, tokens=ids, token_strs=strs
     )
