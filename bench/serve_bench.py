@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import re
 import shlex
 import sys
@@ -83,7 +84,12 @@ def add_plan_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-requests", type=int, help="requests per load point")
     g.add_argument("--warmup", type=int, help="unmeasured requests per target and scenario")
     g.add_argument(
-        "--duration-s", type=float, help="time limit per load point (running requests are cancelled)"
+        "--duration-s",
+        type=float,
+        help="sending window per load point (default: until every request is sent)",
+    )
+    g.add_argument(
+        "--grace-s", type=float, help="after the window, how long running requests may finish (default 30)"
     )
     g.add_argument("--seed", type=int, default=0)
     w = p.add_argument_group("workload")
@@ -151,6 +157,7 @@ def plan_from_args(args: argparse.Namespace) -> plans.Plan:
             "num_requests": args.num_requests,
             "warmup": args.warmup,
             "duration_s": args.duration_s,
+            "grace_s": args.grace_s,
         }.items()
         if value is not None
     }
@@ -228,22 +235,17 @@ def write_outputs(results: dict, out_dir: Path, baseline: str | None, plot: bool
 
 def measure(args: argparse.Namespace, targets: list[Target], device: str, notes: list[str]) -> dict:
     plan = plan_from_args(args)
+    load_before = os.getloadavg()[0]
     measured = run_plan_sync(targets, plan, progress=not args.no_progress)
+    load = f"1-minute load average {load_before:.1f} before the run, {os.getloadavg()[0]:.1f} after"
     command = "python bench/serve_bench.py " + " ".join(shlex.quote(a) for a in args.argv)
     return {
         "date": datetime.date.today().isoformat(),
         "label": args.label or (default_label(device) if args.command == "compare" else "run"),
         "hardware": report.hardware(device),
         "command": command,
-        "notes": [*notes, *args.note],
-        "options": {
-            "plan": args.plan,
-            "num_requests": sorted({s.num_requests for s in plan.scenarios}),
-            "warmup": sorted({s.warmup for s in plan.scenarios}),
-            "duration_s": sorted({s.duration_s or 0 for s in plan.scenarios}),
-            "seed": plan.seed,
-            "plan_detail": plan.as_dict(),
-        },
+        "notes": [*notes, f"{load.capitalize()} (this machine).", *args.note],
+        "plan": plan.as_dict(),
         **measured,
     }
 

@@ -7,7 +7,7 @@
   carries several tokens counts once, so ITL differs from TPOT when a server batches tokens into chunks.
 - E2E: send to the end of the stream.
 - Throughput: successful requests, and their output tokens, per second of the point's elapsed time (first send
-  to last answer).
+  to last answer, or to the end of the grace period).
 Percentiles are numpy's linear interpolation, in milliseconds.
 """
 
@@ -32,7 +32,8 @@ def distribution(values_s: list[float]) -> dict[str, float] | None:
     return stats
 
 
-def summarize(results: list[RequestResult], elapsed_s: float, cancelled: int = 0) -> dict:
+def summarize(results: list[RequestResult], elapsed_s: float, unsent: int = 0, cancelled: int = 0) -> dict:
+    """The summary of one load point; `results` are the answered requests (ok or not)."""
     ok = [r for r in results if r.ok]
     errors = collections.Counter(r.error for r in results if not r.ok)
     examples = {}
@@ -45,10 +46,11 @@ def summarize(results: list[RequestResult], elapsed_s: float, cancelled: int = 0
     itl = [b - a for r in ok for a, b in zip(r.chunk_times, r.chunk_times[1:], strict=False)]
     duration = max(elapsed_s, 1e-9)
     return {
-        "requests": len(results) + cancelled,
+        "requests": len(results) + cancelled,  # sent
         "completed": len(ok),
         "failed": len(results) - len(ok),
-        "cancelled": cancelled,
+        "cancelled": cancelled,  # still running at the end of the grace period
+        "unsent": unsent,  # the sending window closed first
         "errors": dict(sorted(errors.items())),
         "error_examples": examples,
         "elapsed_s": elapsed_s,

@@ -2,7 +2,7 @@
 
 A plan is a YAML file (shipped ones in `bench/serving/plans/`, named without `.yaml`) or built from CLI flags:
 
-    defaults: {num_requests: 16, concurrency: [1, 4, 16], rate: [], warmup: 2, duration_s: 30}
+    defaults: {num_requests: 16, concurrency: [1, 4, 16], rate: [], warmup: 2, duration_s: 30, grace_s: 30}
     workload: {max_output_tokens: 64, media_output_tokens: 32}   # WorkloadOptions fields
     scenarios:
       text-chat: {num_requests: 48, rate: [2, 8]}                 # overrides of the defaults
@@ -21,7 +21,14 @@ from bench.serving.load import LoadPoint
 from bench.serving.workload import SCENARIOS, WorkloadOptions
 
 PLANS_DIR = Path(__file__).parent / "plans"
-DEFAULTS = {"num_requests": 32, "concurrency": [1, 4, 16], "rate": [], "warmup": 4, "duration_s": None}
+DEFAULTS = {
+    "num_requests": 32,
+    "concurrency": [1, 4, 16],
+    "rate": [],
+    "warmup": 4,
+    "duration_s": None,  # sending window per point
+    "grace_s": 30.0,  # then how long running requests may still finish
+}
 
 
 @dataclass(frozen=True)
@@ -31,6 +38,7 @@ class ScenarioPlan:
     points: tuple[LoadPoint, ...]
     warmup: int
     duration_s: float | None
+    grace_s: float
 
 
 @dataclass(frozen=True)
@@ -93,6 +101,7 @@ def build_plan(
                 tuple(points),
                 int(settings["warmup"]),
                 settings["duration_s"],
+                float(settings["grace_s"]),
             )
         )
     try:

@@ -1,6 +1,6 @@
 """The results of a run: one JSON document, and the markdown file with the ratio table and every run.
 
-Results JSON: {"date", "label", "hardware", "command", "notes", "options", "targets": [...],
+Results JSON: {"date", "label", "hardware", "command", "notes", "plan": Plan.as_dict(), "targets": [...],
 "runs": [{"target", "scenario", "mode", "value", "label", "summary": metrics.summarize(...)}]}.
 The ratio table puts every target next to the baseline target, per scenario and load point: throughput
 ratios (> 1: the target is faster), latency as "target / baseline" in ms.
@@ -65,6 +65,8 @@ def _errors(summary: dict) -> str:
     parts = [f"{n} {kind}" for kind, n in summary["errors"].items()]
     if summary["cancelled"]:
         parts.append(f"{summary['cancelled']} cancelled")
+    if summary.get("unsent"):
+        parts.append(f"{summary['unsent']} unsent")
     return ", ".join(parts) or "0"
 
 
@@ -128,6 +130,27 @@ def runs_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def plan_table(plan: dict) -> str:
+    """Markdown: what each scenario sent (a `Plan.as_dict()`)."""
+    w = plan["workload"]
+    lines = [
+        f"Plan (seed {plan['seed']}): images {w['image_width']}x{w['image_height']} JPEG, videos "
+        f"{w['video_frames']} frames of {w['video_width']}x{w['video_height']}, text-chat replies capped at "
+        f"{w['max_output_tokens']} tokens, media replies {w['media_output_tokens']} tokens.",
+        "",
+        "| scenario | requests per point | load points | warm-up | sending window + grace per point |",
+        "|---|---|---|---|---|",
+    ]
+    for sp in plan["scenarios"]:
+        loads = ", ".join(
+            f"c={int(p['value'])}" if p["mode"] == "concurrency" else f"{p['value']:g} req/s"
+            for p in sp["points"]
+        )
+        limit = f"{sp['duration_s']:g} s + {sp['grace_s']:g} s" if sp["duration_s"] else "no limit"
+        lines.append(f"| {sp['name']} | {sp['num_requests']} | {loads} | {sp['warmup']} | {limit} |")
+    return "\n".join(lines)
+
+
 def markdown(results: dict, baseline: str | None, plot_name: str | None) -> str:
     out = [f"# Serving benchmark, {results['date']}", ""]
     out.append(f"Machine: {results['hardware']}.")
@@ -138,14 +161,12 @@ def markdown(results: dict, baseline: str | None, plot_name: str | None) -> str:
         line = f"- **{t['name']}** `{t['url']}`, model `{t['model']}`; exact lengths via {t['flavor_fields']}"
         out.append(line)
         out += [f"  - server log: {n}" for n in t.get("notes", [])]
-    opts = results["options"]
-    out += [
-        "",
-        f"Each load point: {opts['num_requests']} requests (time limit: {opts['duration_s'] or 'none'} s), after "
-        f"{opts['warmup']} warm-up requests per target and scenario; greedy, streamed; seed {opts['seed']}. "
-        "Throughput counts successful requests over the point's elapsed time; latencies are of successful "
-        "requests (definitions in `bench/serving/metrics.py`).",
-    ]
+    out += ["", plan_table(results["plan"]), ""]
+    out.append(
+        "Greedy, streamed. Each load point has its own requests (the same for every target), so no point is "
+        "served from caches an earlier one filled. Throughput counts successful requests over the point's elapsed "
+        "time; latencies are of successful requests (definitions in `bench/serving/metrics.py`)."
+    )
     if baseline and len(results["targets"]) > 1:
         out += [
             "",

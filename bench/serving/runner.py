@@ -30,7 +30,7 @@ def _line(target: str, scenario: str, label: str, s: dict) -> str:
     return (
         f"{target:>14} {scenario:>13} {label:>10}: {s['completed']:>4}/{s['requests']:<4} ok "
         f"{s['request_throughput']:7.2f} req/s {s['output_throughput']:8.1f} tok/s  TTFT p50 {ttft:8.1f} ms  "
-        f"ITL p50 {itl:7.1f} ms  errors {errors} cancelled {s['cancelled']}"
+        f"ITL p50 {itl:7.1f} ms  errors {errors} cancelled {s['cancelled']} unsent {s['unsent']}"
     )
 
 
@@ -69,10 +69,11 @@ async def run_plan(
                         point,
                         seed=seed,
                         duration_s=sp.duration_s,
+                        grace_s=sp.grace_s,
                         progress=progress,
                         desc=f"{t.name} {sp.name} {point.label}",
                     )
-                    summary = summarize(run.results, run.elapsed_s, run.cancelled)
+                    summary = summarize(run.results, run.elapsed_s, run.unsent, run.cancelled)
                     log(_line(t.name, sp.name, point.label, summary))
                     runs.append(
                         {

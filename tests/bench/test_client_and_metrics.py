@@ -143,12 +143,15 @@ def scripted_server(delay_s: float, tokens: int = 2):
     return handler, state
 
 
-def drive(handler, point: LoadPoint, n: int, duration_s: float | None = None):
+def drive(handler, point: LoadPoint, n: int, duration_s: float | None = None, grace_s: float = 30.0):
     target = Target("t", "http://127.0.0.1:9", model="m")
 
     async def go():
         async with target.http_client(httpx.MockTransport(handler)) as http:
-            return await run_point(http, target, [SPEC] * n, point, duration_s=duration_s, progress=False)
+            specs = [SPEC] * n
+            return await run_point(
+                http, target, specs, point, duration_s=duration_s, grace_s=grace_s, progress=False
+            )
 
     return asyncio.run(go())
 
@@ -156,17 +159,25 @@ def drive(handler, point: LoadPoint, n: int, duration_s: float | None = None):
 def test_fixed_concurrency_keeps_exactly_that_many_in_flight():
     handler, state = scripted_server(0.02)
     run = drive(handler, LoadPoint("concurrency", 3), n=9)
-    assert len(run.results) == 9 and run.cancelled == 0 and state["max"] == 3
+    assert len(run.results) == 9 and (run.unsent, run.cancelled) == (0, 0) and state["max"] == 3
     assert 0.05 < run.elapsed_s < 1.0  # three waves of 20 ms
 
 
-def test_the_deadline_cancels_what_is_still_running():
+def test_the_sending_window_then_the_grace_period():
     handler, _ = scripted_server(0.3)
+    # waves at 0 and 0.3 s are sent (the window closes at 0.45 s), the third never is; the second finishes in grace
     run = drive(handler, LoadPoint("concurrency", 2), n=6, duration_s=0.45)
-    assert len(run.results) == 2 and run.cancelled == 4 and run.elapsed_s == pytest.approx(0.45, abs=0.01)
+    assert (len(run.results), run.unsent, run.cancelled) == (4, 2, 0) and run.elapsed_s == pytest.approx(
+        0.6, abs=0.1
+    )
+    # a grace period too short for the second wave: it is cancelled at 0.55 s
+    run = drive(handler, LoadPoint("concurrency", 2), n=6, duration_s=0.45, grace_s=0.1)
+    assert (len(run.results), run.unsent, run.cancelled) == (2, 2, 2) and run.elapsed_s == pytest.approx(
+        0.55, abs=0.05
+    )
     handler, _ = scripted_server(0.01)
-    run = drive(handler, LoadPoint("rate", 10), n=50, duration_s=0.3)  # about 3 sent before the deadline
-    assert run.cancelled > 40 and len(run.results) + run.cancelled == 50
+    run = drive(handler, LoadPoint("rate", 10), n=50, duration_s=0.3)  # about 3 arrivals fall in the window
+    assert run.unsent > 40 and run.cancelled == 0 and len(run.results) + run.unsent == 50
 
 
 def test_poisson_arrivals_are_seeded_with_the_asked_rate():
@@ -189,8 +200,8 @@ def test_summary_formulas():
         RequestResult(3, error="timeout"),
         RequestResult(3, error="HTTP 500"),
     ]
-    s = summarize(results, elapsed_s=2.0, cancelled=1)
-    assert (s["requests"], s["completed"], s["failed"], s["cancelled"]) == (6, 2, 3, 1)
+    s = summarize(results, elapsed_s=2.0, unsent=4, cancelled=1)
+    assert (s["requests"], s["completed"], s["failed"], s["cancelled"], s["unsent"]) == (6, 2, 3, 1, 4)
     assert (
         s["errors"] == {"HTTP 500": 2, "timeout": 1}
         and s["error_examples"]["HTTP 500"] == "Internal Server Error"

@@ -51,7 +51,7 @@ def test_run_writes_json_table_and_plot_with_exact_lengths(live_url, tmp_path, c
     assert len(runs) == 3 * 2 * 2  # scenarios x load points x targets
     for run in runs:
         s = run["summary"]
-        assert (s["completed"], s["failed"], s["cancelled"]) == (4, 0, 0), run
+        assert (s["completed"], s["failed"], s["cancelled"], s["unsent"]) == (4, 0, 0, 0), run
         assert s["short_replies"] == 0  # ignore_eos: every reply as long as asked
         assert s["ttft_ms"]["p50"] > 0 and s["itl_ms"]["p99"] >= s["itl_ms"]["p50"] > 0
         assert s["request_throughput"] > 0 and s["output_throughput"] > 0
