@@ -39,6 +39,7 @@ from bench.serving.workload import SCENARIOS
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_NOTE = "The machine was shared with other jobs while this ran: expect run-to-run noise."
+SHARED_GPU_FRACTION = 0.5
 
 
 def _floats(text: str) -> list[float]:
@@ -142,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="write the markdown table and the plot again from a results JSON")
     rep.add_argument("results", type=Path)
     rep.add_argument("--baseline")
+    rep.add_argument("--note", action="append", default=[], help="a line to add to the results' notes")
     rep.add_argument("--no-plot", action="store_true")
     return parser
 
@@ -213,9 +215,9 @@ def default_label(device: str) -> str:
     return match.group(1) if match else "cuda"
 
 
-def write_outputs(results: dict, out_dir: Path, baseline: str | None, plot: bool) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / report.file_stem(results["date"], results["label"])
+def write_outputs(results: dict, stem: Path, baseline: str | None, plot: bool) -> list[Path]:
+    """STEM.json, STEM.png (unless not `plot`) and STEM.md; prints the ratio table."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
     paths = [stem.with_suffix(".json")]
     report.write_json(results, paths[0])
     plot_name = None
@@ -258,15 +260,22 @@ def cmd_compare(args: argparse.Namespace) -> dict:
     else:
         model = args.model or demo_checkpoint()
     log_dir = args.log_dir or Path(tempfile.mkdtemp(prefix="serve-bench-logs-"))
+    plm_args = shlex.split(args.plm_serve_args)
+    notes = [f"Checkpoint: `{model.name}` ({args.device}, {args.dtype}), the same folder for both servers."]
+    if args.device.startswith("cuda") and "--gpu-memory-utilization" not in plm_args:
+        # plm-serve sizes its KV pool from free GPU memory; leave room for the other server on the same GPU
+        plm_args += ["--gpu-memory-utilization", str(SHARED_GPU_FRACTION)]
+        notes.append(
+            f"plm-serve was given --gpu-memory-utilization {SHARED_GPU_FRACTION}: both servers share the GPU."
+        )
     started = [
-        servers.plm_serve(model, args.device, args.dtype, log_dir, shlex.split(args.plm_serve_args)),
+        servers.plm_serve(model, args.device, args.dtype, log_dir, plm_args),
         servers.transformers_serve(
             model, args.device, args.dtype, log_dir, shlex.split(args.transformers_args)
         ),
     ]
     for s in started:
         s.startup_timeout_s = args.startup_timeout_s
-    notes = [f"Checkpoint: `{model.name}` ({args.device}, {args.dtype}), the same folder for both servers."]
     if args.device == "cpu":
         notes.append(SHARED_NOTE)
     entered = []
@@ -303,10 +312,12 @@ def main(argv: list[str] | None = None) -> list[Path]:
         return []
     if args.command == "report":
         results = json.loads(args.results.read_text())
-        paths = write_outputs(results, args.results.parent, args.baseline, not args.no_plot)
+        results["notes"] += args.note
+        paths = write_outputs(results, args.results.with_suffix(""), args.baseline, not args.no_plot)
     else:
         results = cmd_compare(args) if args.command == "compare" else cmd_run(args)
-        paths = write_outputs(results, args.out_dir, args.baseline, not args.no_plot)
+        stem = args.out_dir / report.file_stem(results["date"], results["label"])
+        paths = write_outputs(results, stem, args.baseline, not args.no_plot)
     for path in paths:
         print(f"wrote {path}")
     return paths

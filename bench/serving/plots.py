@@ -16,6 +16,7 @@ import matplotlib.ticker
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
+from matplotlib.lines import Line2D
 
 PERCENTILE_STYLE = {"p50": "-", "p90": "--", "p99": ":"}
 MODE_MARKER = {"concurrency": "o", "rate": "s"}
@@ -39,6 +40,17 @@ def _failed_targets(results: dict, scenario: str) -> list[str]:
     return failed
 
 
+def _key(colours: dict[str, str]) -> list[Line2D]:
+    """Legend entries for the latency panels: targets (colour), percentiles (line style), load mode (marker)."""
+    grey = "0.4"
+    handles = [Line2D([], [], color=c, label=name) for name, c in colours.items()]
+    handles += [Line2D([], [], color=grey, linestyle=style, label=p) for p, style in PERCENTILE_STYLE.items()]
+    handles += [
+        Line2D([], [], color=grey, marker=m, linestyle="", label=mode) for mode, m in MODE_MARKER.items()
+    ]
+    return handles
+
+
 def plot(results: dict, path: Path) -> None:
     scenarios = list(dict.fromkeys(r["scenario"] for r in results["runs"]))
     targets = [t["name"] for t in results["targets"]]
@@ -47,7 +59,7 @@ def plot(results: dict, path: Path) -> None:
     for row, scenario in zip(axes, scenarios, strict=True):
         tput, ttft, itl = row
         for target in targets:
-            conc = [r for r in _series(results, target, scenario, "concurrency") if r["summary"]["completed"]]
+            conc = _series(results, target, scenario, "concurrency")  # 0 tok/s where nothing finished
             if conc:
                 tput.plot(
                     [r["value"] for r in conc],
@@ -102,8 +114,9 @@ def plot(results: dict, path: Path) -> None:
         )
         for ax in row:
             ax.grid(True, which="both", alpha=0.3)
-            if ax.has_data():
-                ax.legend(fontsize=7)
+        if tput.has_data():
+            tput.legend(fontsize=7)
+        ttft.legend(handles=_key(colours), fontsize=7, ncol=2)
     fig.suptitle(f"Serving benchmark {results['date']} — {results['hardware']}", fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 0.98))
     fig.savefig(path, dpi=80)

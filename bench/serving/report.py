@@ -153,9 +153,8 @@ def plan_table(plan: dict) -> str:
 
 def markdown(results: dict, baseline: str | None, plot_name: str | None) -> str:
     out = [f"# Serving benchmark, {results['date']}", ""]
-    out.append(f"Machine: {results['hardware']}.")
-    for note in results["notes"]:
-        out.append(f"{note}")
+    out += [f"Machine: {results['hardware']}.", ""]
+    out += [f"- {note}" for note in results["notes"]]
     out += ["", f"Command: `{results['command']}`", "", "Targets:"]
     for t in results["targets"]:
         line = f"- **{t['name']}** `{t['url']}`, model `{t['model']}`; exact lengths via {t['flavor_fields']}"
