@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -46,6 +47,8 @@ class Target:
     model: str | None = None
     api_key: str | None = None
     request_timeout_s: float = 600.0
+    # CPU seconds the server process has used, where the benchmark started it (None for a remote URL)
+    cpu_clock: Callable[[], float] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         parts = urlsplit(self.url)

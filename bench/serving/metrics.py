@@ -8,7 +8,8 @@
 - E2E: send to the end of the stream.
 - Throughput: successful requests, and their output tokens, per second of the point's elapsed time (first send
   to last answer, or to the end of the grace period).
-Percentiles are numpy's linear interpolation, in milliseconds.
+Percentiles are numpy's linear interpolation, in milliseconds. Where the benchmark started the server itself,
+the runner adds the server process's CPU time per request: work done, whatever else shares the machine.
 """
 
 from __future__ import annotations

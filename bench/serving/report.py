@@ -84,8 +84,8 @@ def ratio_table(results: dict, baseline: str) -> str:
     others = [t["name"] for t in results["targets"] if t["name"] != baseline]
     lines = [
         "| target vs baseline | scenario | load | req/s | output tok/s | throughput ratio | TTFT p50 ms "
-        "| TTFT p99 ms | ITL p50 ms | TPOT p99 ms | prompt tok/req | errors |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| TTFT p99 ms | ITL p50 ms | TPOT p99 ms | prompt tok/req | server CPU s/req | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for other in others:
         for scenario, mode, value, label in points(results):
@@ -102,7 +102,8 @@ def ratio_table(results: dict, baseline: str) -> str:
                 f"| {_ratio(a['output_throughput'], b['output_throughput'])} "
                 f"| {pair(lambda s: _pct(s, 'ttft_ms', 'p50'))} | {pair(lambda s: _pct(s, 'ttft_ms', 'p99'))} "
                 f"| {pair(lambda s: _pct(s, 'itl_ms', 'p50'))} | {pair(lambda s: _pct(s, 'tpot_ms', 'p99'))} "
-                f"| {pair(lambda s: s['mean_prompt_tokens'], 0)} | {_errors(a)} / {_errors(b)} |"
+                f"| {pair(lambda s: s['mean_prompt_tokens'], 0)} "
+                f"| {pair(lambda s: s.get('server_cpu_s_per_request'), 2)} | {_errors(a)} / {_errors(b)} |"
             )
     return "\n".join(lines)
 
@@ -111,9 +112,10 @@ def runs_table(results: dict) -> str:
     """Markdown: every run with the full set of metrics."""
     head = (
         "| target | scenario | load | done | req/s | out tok/s | TTFT p50/p90/p99 ms | TPOT p50/p90/p99 ms "
-        "| ITL p50/p90/p99 ms | E2E p50 ms | prompt / out tok per req | short replies | errors |"
+        "| ITL p50/p90/p99 ms | E2E p50 ms | prompt / out tok per req | server CPU s per req | short replies "
+        "| errors |"
     )
-    lines = [head, "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["runs"]:
         s = r["summary"]
 
@@ -124,7 +126,8 @@ def runs_table(results: dict) -> str:
             f"| {r['target']} | {r['scenario']} | {r['label']} | {s['completed']}/{s['requests']} "
             f"| {s['request_throughput']:.2f} | {s['output_throughput']:.1f} | {three('ttft_ms')} "
             f"| {three('tpot_ms')} | {three('itl_ms')} | {_fmt(_pct(s, 'e2e_ms', 'p50'))} "
-            f"| {_fmt(s['mean_prompt_tokens'], 0)} / {_fmt(s['mean_output_tokens'], 0)} | {s['short_replies']} "
+            f"| {_fmt(s['mean_prompt_tokens'], 0)} / {_fmt(s['mean_output_tokens'], 0)} "
+            f"| {_fmt(s.get('server_cpu_s_per_request'), 2)} | {s['short_replies']} "
             f"| {_errors(s)} |"
         )
     return "\n".join(lines)

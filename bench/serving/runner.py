@@ -62,6 +62,7 @@ async def run_plan(
                 seed = stable_seed(plan.seed, sp.name, i)
                 specs = build_requests(sp.name, sp.num_requests, plan.workload, seed)
                 for t in targets:
+                    cpu_before = t.cpu_clock() if t.cpu_clock else None
                     run = await run_point(
                         clients[t.name],
                         t,
@@ -74,6 +75,13 @@ async def run_plan(
                         desc=f"{t.name} {sp.name} {point.label}",
                     )
                     summary = summarize(run.results, run.elapsed_s, run.unsent, run.cancelled)
+                    if cpu_before is not None:
+                        # the server's own CPU time: work per request, whatever else shares the machine
+                        cpu = t.cpu_clock() - cpu_before
+                        summary["server_cpu_s"] = cpu
+                        summary["server_cpu_s_per_request"] = (
+                            cpu / summary["completed"] if summary["completed"] else None
+                        )
                     log(_line(t.name, sp.name, point.label, summary))
                     runs.append(
                         {

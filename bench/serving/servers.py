@@ -59,27 +59,45 @@ class ServerProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def target(self, request_timeout_s: float) -> Target:
-        return Target(self.name, self.url, self.flavor, self.model_id, request_timeout_s=request_timeout_s)
+        return Target(
+            self.name,
+            self.url,
+            self.flavor,
+            self.model_id,
+            request_timeout_s=request_timeout_s,
+            cpu_clock=self.cpu_seconds,
+        )
 
     def __enter__(self) -> ServerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=_child_env())
-        log.close()
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=_child_env())
+        try:
+            self._wait_healthy()
+        except BaseException:  # a timeout, a crash, Ctrl-C: never leave the server running
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _wait_healthy(self) -> None:
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; log: {self.log_path}")
             try:
                 if httpx.get(f"{self.url}/health", timeout=2, trust_env=False).status_code == 200:
-                    return self
+                    return
             except httpx.TransportError:
                 pass
             time.sleep(0.5)
-        self.__exit__(None, None, None)
         raise TimeoutError(
             f"{self.name} not healthy after {self.startup_timeout_s:.0f}s; log: {self.log_path}"
         )
+
+    def cpu_seconds(self) -> float:
+        """CPU time the server process has used so far (user + system, all its threads; Linux /proc)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
 
     def __exit__(self, *exc) -> None:
         if self.proc is None or self.proc.poll() is not None:

@@ -11,8 +11,11 @@ import numpy as np
 import pytest
 
 from bench.serving.client import RequestResult, Target, send
+from bench.serving.flavors import FLAVORS
 from bench.serving.load import LoadPoint, poisson_arrivals, run_point
 from bench.serving.metrics import summarize
+from bench.serving.plan import build_plan
+from bench.serving.runner import run_plan_sync
 from bench.serving.workload import RequestSpec
 
 SPEC = RequestSpec("text-chat", [{"role": "user", "content": "hi"}], max_tokens=3)
@@ -217,3 +220,28 @@ def test_summary_formulas():
     assert s["itl_ms"]["p50"] == pytest.approx(100) and s["itl_ms"]["p90"] == pytest.approx(340)
     assert s["e2e_ms"]["mean"] == pytest.approx(500)
     assert summarize([], elapsed_s=1.0)["ttft_ms"] is None
+
+
+def test_run_plan_records_the_server_cpu_time_of_each_point():
+    handler, _ = scripted_server(0.0)
+    readings = iter([10.0, 12.5, 12.5, 13.5])  # before/after each of the two points (warm-up is not counted)
+    target = Target("local", "http://127.0.0.1:9", model="m", cpu_clock=lambda: next(readings))
+    plan = build_plan({"scenarios": {"text-chat": {"concurrency": [1, 2], "num_requests": 5, "warmup": 1}}})
+    out = run_plan_sync(
+        [target],
+        plan,
+        progress=False,
+        log=lambda line: None,
+        transports={"local": httpx.MockTransport(handler)},
+    )
+    assert [r["summary"]["server_cpu_s"] for r in out["runs"]] == [2.5, 1.0]
+    assert [r["summary"]["server_cpu_s_per_request"] for r in out["runs"]] == [0.5, 0.2]
+    assert out["targets"] == [
+        {
+            "name": "local",
+            "url": "http://127.0.0.1:9",
+            "flavor": "vllm",
+            "flavor_fields": FLAVORS["vllm"],
+            "model": "m",
+        }
+    ]

@@ -44,6 +44,7 @@ def test_a_started_server_is_waited_for_stopped_and_its_log_read(tmp_path):
         assert started.proc.poll() is None
         target = started.target(request_timeout_s=5)
         assert (target.url, target.flavor, target.model) == (f"http://127.0.0.1:{port}", "transformers", "m")
+        assert target.cpu_clock is not None and 0 < target.cpu_clock() < 60  # the server's own CPU time
     assert proc.proc.poll() is not None  # stopped on exit
     assert proc.notes() == [
         "PerceptionLMForConditionalGeneration does not support continuous batching. "
@@ -58,6 +59,15 @@ def test_a_server_that_dies_at_startup_fails_fast(tmp_path):
     with pytest.raises(RuntimeError, match="exited with 3"):
         proc.__enter__()
     assert "no such model" in (tmp_path / "dead.log").read_text()
+
+
+def test_a_server_that_never_gets_healthy_is_stopped(tmp_path):
+    port = servers.free_port()
+    argv = [sys.executable, "-c", "import time; time.sleep(60)"]
+    proc = servers.ServerProcess("mute", "vllm", argv, port, "m", tmp_path / "mute.log", startup_timeout_s=1)
+    with pytest.raises(TimeoutError, match="not healthy"):
+        proc.__enter__()
+    assert proc.proc.poll() is not None
 
 
 def test_both_servers_get_the_same_checkpoint_device_and_dtype_on_loopback(tmp_path):
