@@ -5,6 +5,7 @@ Every ```bash / ```python block runs unless its info string names why it cannot 
   real-checkpoint  needs a real PerceptionLM checkpoint folder (or a GPU)
   docker           needs a Docker engine
   kubernetes       needs a Kubernetes cluster
+  benchmark        a benchmark run of minutes (tests/bench exercises the same command briefly)
 The server runs on a free loopback port instead of 8000 (the blocks' URLs are rewritten), with a fresh cache, so
 the demo checkpoint is built the way a first `make serve` builds it.
 """
@@ -22,7 +23,7 @@ import pytest
 from tests.server.live_server import free_port, start_server
 
 ROOT = Path(__file__).resolve().parents[1]
-SKIP_TAGS = {"setup", "real-checkpoint", "docker", "kubernetes"}
+SKIP_TAGS = {"setup", "real-checkpoint", "docker", "kubernetes", "benchmark"}
 BLOCK = re.compile(r"^```(\w+)([^\n]*)\n(.*?)^```", re.M | re.S)
 
 
