@@ -102,6 +102,15 @@ def causal_sdpa(
     with no_cudnn_sdpa():
         if num_cached == 0 and s == kv_len:
             out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
+        elif q.device.type == "cpu" and num_cached <= 2 * s:
+            # The CPU has a flash kernel only for top-left causal masks; a CausalBias falls back to the masked
+            # math kernel, ~2.5x slower per useful FLOP (measured: a 4096-token chunk over a 4096-token prefix
+            # 0.46 s against 0.19 s for the padded square). Zero query rows in front of the chunk make the problem
+            # square (row num_cached + i sees keys 0 .. num_cached + i, as wanted); their work, at most 1.8x the
+            # useful work while num_cached <= 2 S, is discarded. Longer prefixes keep the masked kernel.
+            padded = torch.cat([qh.new_zeros(1, qh.shape[1], num_cached, qh.shape[3]), qh], dim=2)
+            out = F.scaled_dot_product_attention(padded, kh, vh, is_causal=True, scale=scale, enable_gqa=True)
+            out = out[:, :, num_cached:]
         else:
             # Bottom-right aligned causal mask as a CausalBias: on CUDA it dispatches to the flash kernel (which
             # aligns causal masks bottom-right) instead of materializing an [S, kv_len] mask for the math kernel.
