@@ -159,6 +159,9 @@ class EngineRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     mm_inputs: list[MMInput] = field(default_factory=list)  # in placeholder order, non-overlapping
     arrival_time: float = 0.0  # time.monotonic() when the server received it (for queue-time metrics)
+    # Mixed into the first KV block hash: only requests with the same salt share prefix-cache blocks, so one
+    # tenant cannot learn from cache hits what another sent (vLLM's `cache_salt`). None: the shared cache.
+    cache_salt: str | None = None
 
 
 @dataclass(slots=True)

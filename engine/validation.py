@@ -40,6 +40,8 @@ def validate_request(request: EngineRequest, limits: ModelLimits) -> None:
     if sampling.n > limits.max_waiting:
         raise RequestRejectedError(f"n={sampling.n} is more than the engine queues ({limits.max_waiting})")
     _check_placeholders(request.prompt_token_ids, request.mm_inputs, limits.placeholder_ids)
+    if request.cache_salt is not None and not isinstance(request.cache_salt, str):
+        raise RequestRejectedError("cache_salt must be a string")
 
 
 def _check_ids(ids: list[int], vocab_size: int, what: str) -> None:
