@@ -55,7 +55,49 @@ SERVER_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--host", {"help": "bind address (default 127.0.0.1)"}),
     ("--port", {"type": int, "help": "port (default 8000)"}),
     ("--api-key", {"help": "require 'Authorization: Bearer KEY' on /v1 routes (or set PLM_API_KEY)"}),
-    ("--max-request-body-bytes", {"type": int, "help": "largest request body (413 beyond)"}),
+    ("--max-request-body-bytes", {"type": int, "help": "largest body of a route with media (413 beyond)"}),
+    (
+        "--max-text-request-body-bytes",
+        {"type": int, "help": "largest body of a text-only route (413 beyond)"},
+    ),
+    (
+        "--request-read-timeout-s",
+        {"type": float, "help": "deadline for receiving a request body (408 beyond)"},
+    ),
+    ("--header-read-timeout-s", {"type": float, "help": "deadline for a request's line and headers"}),
+    ("--keep-alive-timeout-s", {"type": float, "help": "idle kept-alive connections are closed after this"}),
+    ("--max-n", {"type": int, "help": "most choices (n) per request (default 16)"}),
+    ("--max-prompts-per-request", {"type": int, "help": "most prompts in one /v1/completions request"}),
+    (
+        "--default-max-tokens",
+        {
+            "type": int,
+            "help": "output budget when a request gives no max_tokens (default 2048; 0: the context)",
+        },
+    ),
+    ("--max-tokens-limit", {"type": int, "help": "largest max_tokens a request may ask for (400 beyond)"}),
+    ("--max-logprobs", {"type": int, "help": "most top_logprobs / logprobs per token (default 20)"}),
+    (
+        "--report-cached-tokens",
+        {
+            "action": argparse.BooleanOptionalAction,
+            "help": "report usage.prompt_tokens_details.cached_tokens (off: no cross-client cache oracle)",
+        },
+    ),
+    (
+        "--prefix-cache-per-api-key",
+        {
+            "action": argparse.BooleanOptionalAction,
+            "help": "requests with different bearer tokens never share prefix-cache blocks (default on)",
+        },
+    ),
+    (
+        "--control-tokens-in-messages",
+        {
+            "action": argparse.BooleanOptionalAction,
+            "help": "old behaviour: special-token strings in message text become control tokens (default off)",
+        },
+    ),
     ("--max-image-bytes", {"type": int, "help": "largest image file"}),
     ("--max-image-pixels", {"type": int, "help": "largest image in pixels (decompression-bomb guard)"}),
     ("--max-video-bytes", {"type": int, "help": "largest video file"}),
@@ -138,6 +180,8 @@ def build_configs(args: argparse.Namespace, environ: dict[str, str]) -> ServerCo
     engine_keys = {f.name for f in dataclasses.fields(EngineConfig)} - {"model"}
     engine_part.update({k: v for k, v in flags.items() if k in engine_keys})
     server_part.update({k: v for k, v in flags.items() if k in server_field_names() - {"model"}})
+    if server_part.get("default_max_tokens") == 0:
+        server_part["default_max_tokens"] = None  # 0 on the command line: no default, up to the context
     if "api_key" not in server_part and environ.get("PLM_API_KEY"):
         server_part["api_key"] = environ["PLM_API_KEY"]
     model = args.model or server_part.pop("model", None) or engine_part.get("model")

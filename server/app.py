@@ -22,7 +22,7 @@ from plm_serve.server.deps import ServerContext
 from plm_serve.server.errors import install_exception_handlers
 from plm_serve.server.media_fetch import MediaFetcher
 from plm_serve.server.metrics import ServerMetrics
-from plm_serve.server.middleware import ApiKeyAuth, BodySizeLimit, RequestCounter, RequestId
+from plm_serve.server.middleware import ApiKeyAuth, InternalErrorGuard, RequestBody, RequestCounter, RequestId
 from plm_serve.server.routes import router
 from plm_serve.server.version import VERSION
 
@@ -66,8 +66,14 @@ def create_app(
     app.include_router(router)
     install_exception_handlers(app)
     # add_middleware wraps: the last added runs first.
-    app.add_middleware(BodySizeLimit, max_bytes=config.max_request_body_bytes)
+    app.add_middleware(
+        RequestBody,
+        max_media_bytes=config.max_request_body_bytes,
+        max_text_bytes=config.max_text_request_body_bytes,
+        read_timeout_s=config.request_read_timeout_s,
+    )
     app.add_middleware(ApiKeyAuth, api_key=config.api_key)
+    app.add_middleware(InternalErrorGuard, metrics=ctx.metrics)
     app.add_middleware(RequestCounter, metrics=ctx.metrics)
     app.add_middleware(RequestId)
     return app
@@ -95,7 +101,10 @@ async def _load(
     try:
         if processor is None:
             processor = await asyncio.to_thread(
-                Processor.from_pretrained, cfg.model, limits=media_limits(cfg)
+                Processor.from_pretrained,
+                cfg.model,
+                limits=media_limits(cfg),
+                control_tokens_in_text=cfg.control_tokens_in_messages,
             )
         if engine is None:
             assert cfg.engine is not None

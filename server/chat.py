@@ -25,6 +25,7 @@ from plm_serve.processors import ImageInput, ProcessedPrompt, VideoInput
 from plm_serve.server import sse
 from plm_serve.server.deps import ServerContext
 from plm_serve.server.errors import APIError, bad_request
+from plm_serve.server.limits import check_caps, request_cache_salt, with_output_budget
 from plm_serve.server.logprobs import TokenBytes, chat_logprobs
 from plm_serve.server.metrics import RequestRecorder
 from plm_serve.server.protocol import (
@@ -60,10 +61,11 @@ async def create_chat_completion(
     arrival = time.monotonic()
     meta = ChatMeta(id=f"chatcmpl-{uuid.uuid4().hex}", model=ctx.model_name, include_usage=body.include_usage)
     recorder = RequestRecorder(ctx.metrics, arrival)
-    usage = UsageCounter()
+    usage = UsageCounter(report_cached=ctx.config.report_cached_tokens)
+    salt = request_cache_salt(body.cache_salt, http.headers.get("authorization"), ctx.config)
 
     async def start() -> AsyncGenerator[StepOutput, None]:
-        request = await build_request(body, ctx, engine, meta.id, arrival)
+        request = await build_request(body, ctx, engine, meta.id, arrival, cache_salt=salt)
         usage.prompt_tokens = len(request.prompt_token_ids)
         return await open_generation(engine, request, recorder)
 
@@ -82,15 +84,22 @@ async def create_chat_completion(
 
 # ----------------------------------------------------------------------------------------- request building
 async def build_request(
-    body: ChatCompletionRequest, ctx: ServerContext, engine: AsyncEngine, request_id: str, arrival: float
+    body: ChatCompletionRequest,
+    ctx: ServerContext,
+    engine: AsyncEngine,
+    request_id: str,
+    arrival: float,
+    cache_salt: str | None = None,
 ) -> EngineRequest:
     assert ctx.processor is not None
     params = body.to_sampling_params(ctx.processor.tokenizer.get_vocab_size())
+    check_caps(params, ctx.config)
     limit = max_prompt_tokens(params, engine.max_model_len)
     messages = await load_messages(body.messages, ctx)
     process = functools.partial(ctx.processor.process_chat, messages, max_prompt_tokens=limit)
     prompt = await asyncio.get_running_loop().run_in_executor(ctx.executor, process)
-    return engine_request(request_id, prompt, params, arrival)
+    params = with_output_budget(params, len(prompt.token_ids), engine.max_model_len, ctx.config)
+    return engine_request(request_id, prompt, params, arrival, cache_salt)
 
 
 def max_prompt_tokens(params: SamplingParams, max_model_len: int) -> int:
@@ -105,10 +114,16 @@ def max_prompt_tokens(params: SamplingParams, max_model_len: int) -> int:
 
 
 def engine_request(
-    request_id: str, prompt: ProcessedPrompt, params: SamplingParams, arrival: float
+    request_id: str,
+    prompt: ProcessedPrompt,
+    params: SamplingParams,
+    arrival: float,
+    cache_salt: str | None = None,
 ) -> EngineRequest:
     media = [MMInput(m.content_hash, m.pixels, m.offset, m.length, m.kind) for m in prompt.media]
-    return EngineRequest(request_id, list(prompt.token_ids), params, media, arrival_time=arrival)
+    return EngineRequest(
+        request_id, list(prompt.token_ids), params, media, arrival_time=arrival, cache_salt=cache_salt
+    )
 
 
 async def load_messages(messages: list[ChatMessage], ctx: ServerContext) -> list[dict[str, Any]]:

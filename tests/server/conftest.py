@@ -29,8 +29,10 @@ def fake() -> FakeEngine:
     return FakeEngine()
 
 
-def internal_errors(app) -> float:
-    return app.state.ctx.metrics.registry.get_sample_value("plm_internal_errors_total") or 0.0
+def internal_errors(app, cause: str = "server") -> float:
+    """Requests that reached the 500 path (cause "server") or failed in the engine (cause "engine")."""
+    sample = app.state.ctx.metrics.registry.get_sample_value("plm_internal_errors_total", {"cause": cause})
+    return sample or 0.0
 
 
 @pytest.fixture

@@ -116,7 +116,9 @@ async def _drain_scenario(app, grace_s: float) -> tuple[str, int, int]:
         running = asyncio.ensure_future(
             client.post("/v1/chat/completions", json=chat_body("Hi", stream=True, max_tokens=10))
         )
-        await asyncio.sleep(0.1)  # the stream is under way
+        engine = app.state.ctx.engine
+        while not engine.running:  # until the stream is under way in the engine
+            await asyncio.sleep(0.01)
         draining = asyncio.ensure_future(drain(app, grace_s))
         await asyncio.sleep(0.02)
         health = (await client.get("/health")).status_code

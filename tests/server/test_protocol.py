@@ -116,7 +116,8 @@ def test_top_p_zero_means_greedy():
         ({"logit_bias": {"abc": 1}}, "logit_bias"),
         ({"logit_bias": {"5": 101}}, "logit_bias"),
         ({"logit_bias": {str(VOCAB): 1}}, "logit_bias"),
-        ({"stop_token_ids": [-1]}, "stop_token_ids"),
+        ({"stop_token_ids": [VOCAB]}, "stop_token_ids"),
+        ({"top_k": VOCAB + 1}, "top_k"),
         ({"top_logprobs": 3}, "top_logprobs"),  # without logprobs=true
         ({"stop": ["ok", ""]}, "stop"),
         ({"max_tokens": 2, "min_tokens": 5}, "min_tokens"),
