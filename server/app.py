@@ -23,6 +23,7 @@ from plm_serve.server.errors import install_exception_handlers
 from plm_serve.server.media_fetch import MediaFetcher
 from plm_serve.server.metrics import ServerMetrics
 from plm_serve.server.middleware import ApiKeyAuth, InternalErrorGuard, RequestBody, RequestCounter, RequestId
+from plm_serve.server.openapi import install_openapi
 from plm_serve.server.routes import router
 from plm_serve.server.version import VERSION
 
@@ -65,6 +66,7 @@ def create_app(
     app.state.ctx = ctx
     app.include_router(router)
     install_exception_handlers(app)
+    install_openapi(app, config)
     # add_middleware wraps: the last added runs first.
     app.add_middleware(
         RequestBody,
