@@ -20,6 +20,7 @@ from pydantic.json_schema import models_json_schema
 
 from plm_serve.server.config import ServerConfig
 from plm_serve.server.protocol import (
+    ChatCompletionChunk,
     ChatCompletionResponse,
     CompletionResponse,
     ErrorResponse,
@@ -75,7 +76,15 @@ def build_document(app: FastAPI, config: ServerConfig) -> dict[str, Any]:
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
     for name in ("HTTPValidationError", "ValidationError"):
         schemas.pop(name, None)
-    models = [ErrorResponse, ChatCompletionResponse, CompletionResponse, ModelList, HealthStatus, VersionInfo]
+    models = [
+        ErrorResponse,
+        ChatCompletionResponse,
+        ChatCompletionChunk,
+        CompletionResponse,
+        ModelList,
+        HealthStatus,
+        VersionInfo,
+    ]
     refs, defs = models_json_schema([(m, "serialization") for m in models], ref_template=_REF)
     schemas.update(defs.get("$defs", {}))
     ref = {m.__name__: refs[(m, "serialization")] for m in models}
@@ -83,6 +92,7 @@ def build_document(app: FastAPI, config: ServerConfig) -> dict[str, Any]:
         for method, op in operations.items():
             op["responses"] = _responses(method, path, ref)
     _declare_caps(schemas, config)
+    _add_examples(doc, config.model_name)
     if config.api_key:
         doc["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
         for path, operations in doc["paths"].items():
@@ -100,15 +110,22 @@ def _json(schema: dict[str, Any], description: str, **headers: Any) -> dict[str,
     }
 
 
+def _sse(chunk: dict[str, Any], error: dict[str, Any]) -> dict[str, Any]:
+    """One server-sent event (each `data:` line): a chunk, an in-band error (the stream had started when it
+    happened), or the final `[DONE]`."""
+    payload = {"contentMediaType": "application/json", "contentSchema": {"anyOf": [chunk, error]}}
+    data = {"anyOf": [{"const": "[DONE]"}, {"type": "string", **payload}]}
+    return {"schema": {"type": "object", "properties": {"data": data}, "required": ["data"]}}
+
+
 def _responses(method: str, path: str, ref: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    sse = {"schema": {"type": "string", "description": "data: <chunk JSON> events, then data: [DONE]"}}
     ok: dict[str, Any]
     if path == "/v1/chat/completions":
         ok = _json(ref["ChatCompletionResponse"], "A completion, or an SSE stream of chunks with stream=true")
-        ok["content"]["text/event-stream"] = sse
+        ok["content"]["text/event-stream"] = _sse(ref["ChatCompletionChunk"], ref["ErrorResponse"])
     elif path == "/v1/completions":
         ok = _json(ref["CompletionResponse"], "A completion, or an SSE stream of chunks with stream=true")
-        ok["content"]["text/event-stream"] = sse
+        ok["content"]["text/event-stream"] = _sse(ref["CompletionResponse"], ref["ErrorResponse"])
     elif path == "/v1/models":
         ok = _json(ref["ModelList"], "The served model")
     elif path == "/health":
@@ -118,7 +135,13 @@ def _responses(method: str, path: str, ref: dict[str, dict[str, Any]]) -> dict[s
         }
     elif path == "/metrics":
         text = {"schema": {"type": "string"}}
-        return {"200": {"description": "Prometheus metrics", "headers": _REQUEST_ID, "content": {"text/plain": text}}}
+        return {
+            "200": {
+                "description": "Prometheus metrics",
+                "headers": _REQUEST_ID,
+                "content": {"text/plain": text},
+            }
+        }
     elif path == "/version":
         ok = _json(ref["VersionInfo"], "The server's version")
     else:
@@ -128,6 +151,34 @@ def _responses(method: str, path: str, ref: dict[str, dict[str, Any]]) -> dict[s
         extra = {"Retry-After": {"schema": {"type": "string"}, "required": True}} if status == "429" else {}
         out[status] = _json(ref["ErrorResponse"], _ERRORS[status], **extra)
     return out
+
+
+def _add_examples(doc: dict[str, Any], model: str) -> None:
+    """Request examples (documentation, and the requests schemathesis sends first in its examples phase)."""
+    user = [{"role": "user", "content": "Hello!"}]
+    examples = {
+        "/v1/chat/completions": {
+            "text": {"model": model, "messages": user, "max_tokens": 16},
+            "stream": {
+                "model": model,
+                "messages": user,
+                "max_tokens": 16,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+                "logprobs": True,
+                "top_logprobs": 2,
+            },
+        },
+        "/v1/completions": {
+            "text": {"model": model, "prompt": "Once upon a time", "max_tokens": 16},
+            "stream": {"model": model, "prompt": ["a", "b"], "max_tokens": 8, "stream": True, "n": 2},
+            "token ids": {"model": model, "prompt": [128000, 791, 4062], "max_tokens": 8, "logprobs": 1},
+        },
+    }
+    for path, named in examples.items():
+        body = doc["paths"][path]["post"].get("requestBody", {}).get("content", {}).get("application/json")
+        if body is not None:
+            body["examples"] = {name: {"value": value} for name, value in named.items()}
 
 
 def _declare_caps(schemas: dict[str, Any], config: ServerConfig) -> None:

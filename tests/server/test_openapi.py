@@ -59,7 +59,9 @@ def run_summary(schema_app) -> dict:
                 for check in checks:
                     if check.status == Status.FAILURE and check.failure_info is not None:
                         failure = check.failure_info.failure
-                        failures.append(f"{event.label}: {check.name}: {failure.title}: {failure.message[:300]}")
+                        failures.append(
+                            f"{event.label}: {check.name}: {failure.title}: {failure.message[:300]}"
+                        )
         elif isinstance(event, events.NonFatalError | events.FatalError):
             errors.append(repr(getattr(event, "info", None) or getattr(event, "exception", event))[:500])
         elif isinstance(event, events.EngineFinished):
