@@ -174,6 +174,9 @@ def install_exception_handlers(app: FastAPI) -> None:
 
     async def on_validation(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
+        strict = getattr(exc.__cause__, "api_error", None)  # the strict JSON reader said what is wrong
+        if isinstance(strict, APIError):
+            return strict.response()
         return validation_error(exc).response()
 
     async def on_http(request: Request, exc: Exception) -> JSONResponse:

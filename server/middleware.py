@@ -1,6 +1,6 @@
 """Pure ASGI middleware, outermost first: tag responses with a request id, count requests by status, turn any
-unexpected exception into the project's own 500, check the API key, read the body (bounded in size and time)
-and refuse bodies that are not strict JSON.
+unexpected exception into the project's own 500, check the API key, read the body (bounded in size and time).
+(Strict JSON is the routes' own reader: strict_json.py.)
 
 They run before FastAPI parses anything, so an unauthenticated or oversized request never reaches JSON parsing
 or validation (a 401 is not hidden behind a 400, and a 1 GB body is never buffered).
@@ -18,7 +18,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from plm_serve.server.errors import APIError, internal_error
 from plm_serve.server.metrics import ServerMetrics
-from plm_serve.server.strict_json import check_json_body
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +151,6 @@ class ApiKeyAuth:
 # Routes whose bodies carry media (base64 data URLs): they get `max_request_body_bytes`; every other route is
 # text and gets `max_text_request_body_bytes`.
 MEDIA_ROUTES = frozenset({"/v1/chat/completions"})
-_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
 class RequestBody:
@@ -161,9 +159,7 @@ class RequestBody:
     * size: 413 when Content-Length, or the body actually streamed, exceeds the route's limit (media routes
       and text routes have their own, see MEDIA_ROUTES);
     * time: 408 when the whole body has not arrived within `read_timeout_s` (a slow upload holds a
-      connection and a buffer for as long as the client likes otherwise);
-    * content: a JSON body (Content-Type application/json or *+json, or none) must be strict JSON
-      (`strict_json.check_json_body`: UTF-8, no NaN/Infinity, finite numbers, no lone surrogates), else 400.
+      connection and a buffer for as long as the client likes otherwise).
     After the replay, `receive` passes through, so the app still sees `http.disconnect`.
     """
 
@@ -199,28 +195,12 @@ class RequestBody:
                     break
         if deadline.cancelled_caught:
             return await _send_error(send, _read_timeout(self.read_timeout_s))
-        body = b"".join(chunks)
-        if body and scope["method"] in _BODY_METHODS and _is_json(headers.get(b"content-type")):
-            try:
-                check_json_body(body)
-            except APIError as err:
-                return await _send_error(send, err)
-        replay: list[Message] = [{"type": "http.request", "body": body, "more_body": False}]
+        replay: list[Message] = [{"type": "http.request", "body": b"".join(chunks), "more_body": False}]
 
         async def replaying_receive() -> Message:
             return replay.pop() if replay else await receive()
 
         await self.app(scope, replaying_receive, send)
-
-
-def _is_json(content_type: bytes | None) -> bool:
-    """FastAPI's rule for which bodies it parses as JSON: no Content-Type, application/json, application/*+json."""
-    if not content_type:
-        return True
-    media_type = content_type.split(b";", 1)[0].strip().lower()
-    return media_type == b"application/json" or (
-        media_type.startswith(b"application/") and media_type.endswith(b"+json")
-    )
 
 
 def _too_large(limit: int, path: str) -> APIError:

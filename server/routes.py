@@ -9,9 +9,10 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from plm_serve.server import chat, completions
 from plm_serve.server.deps import CtxDep, EngineDep, ProcessorDep, check_model
 from plm_serve.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from plm_serve.server.strict_json import StrictJSONRoute
 from plm_serve.server.version import VERSION
 
-router = APIRouter()
+router = APIRouter(route_class=StrictJSONRoute)  # JSON bodies are read strictly (strict_json.py)
 
 
 @router.post("/v1/chat/completions", response_model=None)

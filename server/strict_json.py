@@ -6,6 +6,9 @@ wherever text meets a C or Rust library, an error message, a log line), and byte
 (decoded with 'surrogatepass'). `check_json_body` refuses all of them with a 400 that points at the value
 (`param`), before any route sees the body: the rule holds for every field, present and future, typed or
 `Any`, ignored or not.
+
+It is the route class of every API route (`StrictJSONRoute`): FastAPI's `await request.json()` parses with it,
+so a body is parsed once.
 """
 
 from __future__ import annotations
@@ -13,18 +16,51 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable, Coroutine
 from typing import Any
+
+from fastapi.routing import APIRoute
+from starlette.requests import Request
+from starlette.responses import Response
 
 from plm_serve.server.errors import APIError, bad_request
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def check_json_body(body: bytes) -> None:
-    """Raise a 400 APIError unless `body` is strict JSON (see the module docstring); return nothing else.
+class StrictJSONError(json.JSONDecodeError):
+    """What `StrictJSONRequest.json` raises: FastAPI turns a JSONDecodeError into its validation error (with this
+    as `__cause__`), and the validation handler answers with `api_error`, which says what and where."""
 
-    (FastAPI parses the body again for validation: that parse cannot fail once this one passed.)
-    """
+    def __init__(self, api_error: APIError) -> None:
+        super().__init__(api_error.message, "", 0)
+        self.api_error = api_error
+
+
+class StrictJSONRequest(Request):
+    async def json(self) -> Any:
+        if not hasattr(self, "_strict_json"):
+            try:
+                self._strict_json = parse_json_body(await self.body())
+            except APIError as err:
+                raise StrictJSONError(err) from None
+        return self._strict_json
+
+
+class StrictJSONRoute(APIRoute):
+    """An APIRoute whose handler reads JSON bodies with `parse_json_body`."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def strict_handler(request: Request) -> Response:
+            return await handler(StrictJSONRequest(request.scope, request.receive))
+
+        return strict_handler
+
+
+def parse_json_body(body: bytes) -> Any:
+    """The value of `body`, or a 400 APIError unless it is strict JSON (see the module docstring)."""
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -56,6 +92,7 @@ def check_json_body(body: bytes) -> None:
             param=where or None,
             code="invalid_unicode",
         )
+    return value
 
 
 class _NotFinite(ValueError):
