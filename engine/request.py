@@ -24,8 +24,8 @@ class FinishReason(str, enum.Enum):
 class SamplingParams:
     """Per-request decoding settings (OpenAI names where OpenAI has them).
 
-    `temperature == 0` means greedy. PLM's `generation_config.json` is greedy, so the server passes 0 unless the
-    client asks otherwise.
+    `temperature == 0` (below `SAMPLING_EPS`) means greedy. PLM's `generation_config.json` is greedy, so the
+    server passes 0 unless the client asks otherwise. Every value is bounded (`validate`).
     """
 
     max_tokens: int | None = 16  # None: up to the context length

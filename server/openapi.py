@@ -90,7 +90,7 @@ def build_document(app: FastAPI, config: ServerConfig) -> dict[str, Any]:
     ref = {m.__name__: refs[(m, "serialization")] for m in models}
     for path, operations in doc["paths"].items():
         for method, op in operations.items():
-            op["responses"] = _responses(method, path, ref)
+            op["responses"] = _responses(method, path, ref, op.get("responses", {}))
     _declare_caps(schemas, config)
     _add_examples(doc, config.model_name)
     if config.api_key:
@@ -118,7 +118,11 @@ def _sse(chunk: dict[str, Any], error: dict[str, Any]) -> dict[str, Any]:
     return {"schema": {"type": "object", "properties": {"data": data}, "required": ["data"]}}
 
 
-def _responses(method: str, path: str, ref: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def _responses(
+    method: str, path: str, ref: dict[str, dict[str, Any]], generated: dict[str, Any]
+) -> dict[str, Any]:
+    """The responses of one operation. Routes this module does not know keep FastAPI's success responses and
+    get the standard errors of their kind (every /v1 POST can answer all of `_ERRORS`)."""
     ok: dict[str, Any]
     if path == "/v1/chat/completions":
         ok = _json(ref["ChatCompletionResponse"], "A completion, or an SSE stream of chunks with stream=true")
@@ -145,12 +149,23 @@ def _responses(method: str, path: str, ref: dict[str, dict[str, Any]]) -> dict[s
     elif path == "/version":
         ok = _json(ref["VersionInfo"], "The server's version")
     else:
-        return {}
+        out = {
+            code: {**r, "headers": {**_REQUEST_ID, **r.get("headers", {})}} for code, r in generated.items()
+        }
+        out.pop("422", None)
+        default_errors = list(_ERRORS) if method == "post" else ["401", "500"]
+        for status in default_errors if path.startswith("/v1") else ["500"]:
+            out[status] = _error(status, ref)
+        return out
     out = {"200": ok}
     for status in _ROUTE_ERRORS.get((method, path), []):
-        extra = {"Retry-After": {"schema": {"type": "string"}, "required": True}} if status == "429" else {}
-        out[status] = _json(ref["ErrorResponse"], _ERRORS[status], **extra)
+        out[status] = _error(status, ref)
     return out
+
+
+def _error(status: str, ref: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    extra = {"Retry-After": {"schema": {"type": "string"}, "required": True}} if status == "429" else {}
+    return _json(ref["ErrorResponse"], _ERRORS[status], **extra)
 
 
 def _add_examples(doc: dict[str, Any], model: str) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import schemathesis
+from pydantic import BaseModel
 from schemathesis.config import SchemathesisConfig
 from schemathesis.engine import Status, events
 
@@ -91,3 +92,21 @@ def test_the_document_declares_what_the_server_answers(schema_app):
     n = doc["components"]["schemas"]["ChatCompletionRequest"]["properties"]["n"]["anyOf"][0]
     assert n["maximum"] == 16  # the operator's --max-n, not OpenAI's 128
     assert "HTTPValidationError" not in doc["components"]["schemas"]
+
+
+class NewBody(BaseModel):
+    text: str
+
+
+def test_routes_added_later_get_the_standard_errors(ckpt_l, processor):
+    """A route this module does not know (another branch may add some) keeps its 200 and gets 400 (not 422)."""
+    app = create_app(ServerConfig(model=str(ckpt_l)), FakeEngine(), processor=processor)
+
+    @app.post("/v1/new")
+    async def new(body: NewBody) -> dict:
+        return {}
+
+    responses = app.openapi()["paths"]["/v1/new"]["post"]["responses"]
+    assert "422" not in responses and {"200", "400", "413", "429", "503"} <= set(responses)
+    assert all("X-Request-Id" in r["headers"] for r in responses.values())
+    assert "Retry-After" in responses["429"]["headers"]
