@@ -196,9 +196,9 @@ async def neighbour_latency(base: str, model: str, hog_n: int) -> tuple[float, f
     return alone, shared
 
 
-def big_text_probe(base: str, model: str, mb: int = 50) -> tuple[int, float, float]:
-    """(status, seconds to the answer, worst /health latency meanwhile) for one `mb` MB message."""
-    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "word " * (mb * 200_000)}]})
+def big_text_probe(base: str, model: str, chars: int) -> tuple[int, float, float]:
+    """(status, seconds to the answer, worst /health latency meanwhile) for one message of `chars` characters."""
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "word " * (chars // 5)}]})
     result: dict = {}
 
     def send() -> None:
@@ -269,8 +269,10 @@ def main() -> None:
         rss_end = rss_mb(proc.pid)
         alone, shared = asyncio.run(neighbour_latency(base, model, hog_n=16))
         rss_before_big = rss_mb(proc.pid)
-        big_status, big_seconds, big_health = big_text_probe(base, model)
+        big_status, big_seconds, big_health = big_text_probe(base, model, 50_000_000)
         rss_after_big = rss_mb(proc.pid)
+        # Just under the size bound (128 characters per token): tokenized in full, then refused as too long.
+        tok_status, tok_seconds, tok_health = big_text_probe(base, model, 1_400_000)
         time.sleep(2.0)  # aborts of the hog land
         metrics = httpx.get(f"{base}/metrics").text
         health = httpx.get(f"{base}/health").status_code
@@ -288,6 +290,7 @@ def main() -> None:
         and 'plm_internal_errors_total{cause="engine"} 0.0' in metrics,
         "RSS growth < 10%": rss_end < rss_start * 1.10,
         "50 MB message refused (400)": big_status == 400,
+        "1.4 MB message refused (400)": tok_status == 400,
     }
     total = sum(soak.counts.values())
     lines = [
@@ -308,6 +311,8 @@ def main() -> None:
         f"| 50 MB message: answer | {big_status} in {big_seconds:.2f} s |",
         f"| 50 MB message: worst /health latency meanwhile | {big_health:.2f} s |",
         f"| 50 MB message: server RSS | {rss_before_big:.0f} -> {rss_after_big:.0f} MB |",
+        f"| 1.4 MB message (tokenized, then too long): answer | {tok_status} in {tok_seconds:.2f} s |",
+        f"| 1.4 MB message: worst /health latency meanwhile | {tok_health:.2f} s |",
         "",
         "| request kind and status | count |",
         "|---|---|",
