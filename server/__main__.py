@@ -216,7 +216,7 @@ class GracefulServer(uvicorn.Server):
     grace period to finish and are aborted after it (their streams still end properly). Then uvicorn closes
     the listener and the connections and runs the lifespan shutdown. A second signal forces the exit at once.
 
-    Exit code (`exit_code`): 0 after a drain, 1 when forced or when the model failed to load. (uvicorn alone
+    Exit code (`serve`'s): 0 after a drain, 1 when forced or when the model failed to load. (uvicorn alone
     closes the listener at the first signal and re-raises the signal after shutdown, so the process would end
     "killed by SIGTERM".)
     """
@@ -264,7 +264,7 @@ def serve(config: ServerConfig, log_level: str = "info") -> int:
         port=config.port,
         log_level=log_level,
         http=head_deadline_protocol(config.header_read_timeout_s),
-        timeout_keep_alive=max(1, round(config.keep_alive_timeout_s)),
+        timeout_keep_alive=config.keep_alive_timeout_s,  # type: ignore[arg-type]  # a float works (call_later)
         timeout_graceful_shutdown=int(config.shutdown_grace_seconds) + 5,  # a backstop behind drain()
     )
     server = GracefulServer(uv_config, config.shutdown_grace_seconds)

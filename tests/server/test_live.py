@@ -344,8 +344,7 @@ def test_cli_serves_the_demo_model_and_drains_on_sigterm(tmp_path):
                     events.append(line[6:])
                 if len(events) == 3:
                     proc.send_signal(signal.SIGTERM)
-        # uvicorn re-raises the captured signal after its graceful shutdown, so "killed by SIGTERM" is a clean exit
-        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0  # a drain, even one that had to abort, is a clean exit
     finally:
         if proc.poll() is None:
             proc.kill()
