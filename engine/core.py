@@ -21,7 +21,7 @@ from plm_serve.engine.model_runner import ModelRunner, RunnerOutput, to_token_lo
 from plm_serve.engine.request import EngineRequest, FinishReason, StepOutput
 from plm_serve.engine.scheduler import Scheduler, SchedulerOutput
 from plm_serve.engine.sequence import Sequence
-from plm_serve.engine.step_isolation import StepResults, run_isolated
+from plm_serve.engine.step_isolation import run_isolated
 from plm_serve.engine.validation import ModelLimits, validate_request
 from plm_serve.models import PLMConfig, load_model
 
@@ -167,7 +167,7 @@ class EngineCore:
             out.error = f"{type(exc).__name__}: {exc}"
         return outputs
 
-    def _emit(self, seq: Sequence, result: RunnerOutput | StepResults) -> StepOutput:
+    def _emit(self, seq: Sequence, result: RunnerOutput) -> StepOutput:
         token = result.sampled[seq.seq_id]
         detok = self.detokenizers.get(seq.seq_id)
         if detok is None:

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
+from plm_serve.engine.model_runner import RunnerOutput
 from plm_serve.engine.request import MMInput
 from plm_serve.engine.scheduler import ScheduledChunk, SchedulerOutput
 from plm_serve.engine.sequence import Sequence
@@ -32,17 +33,8 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
-class StepResults:
-    """What the runner produced for the chunks that ran (the runner's own output type, merged)."""
-
-    sampled: dict[int, int] = field(default_factory=dict)  # seq_id -> next token id
-    logprobs: dict[int, tuple[float, list[tuple[int, float]]]] = field(default_factory=dict)
-    num_encoded_tiles: int = 0
-
-
-@dataclass(slots=True)
 class IsolatedStep:
-    results: StepResults
+    results: RunnerOutput  # of every chunk that ran, merged over the attempts
     failed: dict[str, Exception]  # request id -> what its own chunks raised when run alone
     # Set when nothing ran at all: the failure cannot be pinned on any one request (a broken device, a bug),
     # so it counts towards the engine's consecutive-failures breaker.
@@ -50,7 +42,7 @@ class IsolatedStep:
     ran: bool = False  # at least one execution succeeded
 
 
-Execute = Callable[[SchedulerOutput], object]
+Execute = Callable[[SchedulerOutput], RunnerOutput]
 
 
 def run_isolated(execute: Execute, sched: SchedulerOutput) -> IsolatedStep:
@@ -63,7 +55,7 @@ def run_isolated(execute: Execute, sched: SchedulerOutput) -> IsolatedStep:
         logger.exception(
             "engine step failed (%d requests); isolating the culprit: %s", len(groups), type(exc).__name__
         )
-        step = IsolatedStep(StepResults(), {})
+        step = IsolatedStep(RunnerOutput({}, {}), {})
         if len(groups) == 1 or not sched.chunks:
             _fail(step, groups, exc)
         else:
@@ -73,9 +65,7 @@ def run_isolated(execute: Execute, sched: SchedulerOutput) -> IsolatedStep:
         if not step.ran:
             step.unattributed = exc  # every request failed, even alone: nobody in particular is to blame
         return step
-    step = IsolatedStep(StepResults(), {})
-    _merge(step, out)
-    return step
+    return IsolatedStep(out, {}, ran=True)
 
 
 def _bisect(
@@ -130,12 +120,12 @@ def _subset(sched: SchedulerOutput, chunks: list[ScheduledChunk]) -> SchedulerOu
     )
 
 
-def _merge(step: IsolatedStep, out: object) -> None:
+def _merge(step: IsolatedStep, out: RunnerOutput) -> None:
     step.ran = True
     acc = step.results
-    acc.sampled.update(out.sampled)  # type: ignore[attr-defined]
-    acc.logprobs.update(out.logprobs)  # type: ignore[attr-defined]
-    acc.num_encoded_tiles += out.num_encoded_tiles  # type: ignore[attr-defined]
+    acc.sampled.update(out.sampled)
+    acc.logprobs.update(out.logprobs)
+    acc.num_encoded_tiles += out.num_encoded_tiles
 
 
 class _RngSnapshot:
