@@ -4,7 +4,13 @@ Hop 1: `generate()` puts ("add", request) on the thread-safe inbox. The loop thr
 `EngineCore.step()`, and hop 2 hands each output to the event loop with `call_soon_threadsafe`. When the consumer
 of `generate()` goes away (client disconnect: `aclose()` / cancellation), the request is aborted at once.
 
-If the loop thread dies, every waiter gets `EngineDeadError` and `is_healthy` turns False: nobody hangs.
+A step that fails is isolated by `EngineCore.step` (the request to blame fails alone). Only failures that
+cannot be pinned on one request count towards `_MAX_CONSECUTIVE_FAILURES`; after that many in a row the
+engine declares itself dead, every waiter gets `EngineDeadError` and `is_healthy` turns False (so /health
+answers 503 and an orchestrator restarts the process): nobody hangs.
+
+Threads: the event loop reads only `core.stats` (a snapshot the engine thread publishes), never the
+scheduler.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from plm_serve.engine.request import EngineRequest, StepOutput, StructuredOutput
 
 logger = logging.getLogger(__name__)
 
-_MAX_CONSECUTIVE_FAILURES = 8  # steps that raise in a row before the engine declares itself dead
+_MAX_CONSECUTIVE_FAILURES = 8  # unattributable step failures in a row before the engine declares itself dead
 
 
 @dataclass
@@ -119,7 +125,7 @@ class AsyncEngine:
             raise EngineDeadError(f"the engine is not running: {self._dead!r}")
         if not self._accepting:
             raise EngineDeadError("the server is shutting down")
-        waiting = self.core.scheduler.num_waiting + self._pending_adds
+        waiting = self.core.stats.num_waiting + self._pending_adds  # the published snapshot
         if waiting >= self.core.config.max_waiting_requests:
             raise EngineOverloadedError(
                 f"the server is overloaded: {waiting} requests are waiting "
@@ -134,11 +140,10 @@ class AsyncEngine:
                 self._drain_inbox(block=not self.core.has_unfinished())
                 if self._stop.is_set():
                     break
-                outputs = self.core.step()
-                errors = [o for o in outputs if o.error]
-                failures = failures + 1 if errors and len(errors) == len(outputs) else 0
+                outputs, failure = self._step()
+                failures = failures + 1 if failure is not None else 0
                 if failures >= _MAX_CONSECUTIVE_FAILURES:
-                    raise RuntimeError(f"{failures} engine steps failed in a row: {errors[0].error}")
+                    raise RuntimeError(f"{failures} engine steps failed in a row: {failure!r}") from failure
                 self._publish(outputs)
             # Stopping: apply the aborts `shutdown()` queued, so their streams end with an ABORT output.
             self._drain_inbox(block=False)
@@ -147,6 +152,18 @@ class AsyncEngine:
             logger.exception("engine loop died")
             self._dead = exc
             self._fail_all(EngineDeadError(f"the engine loop died: {type(exc).__name__}: {exc}"))
+
+    def _step(self) -> tuple[list[StepOutput], Exception | None]:
+        """One core step and its unattributable failure, if any. An exception out of the step itself (a bug
+        outside the runner) fails every request in the engine, but not the loop."""
+        try:
+            return self.core.step(), self.core.unattributed_failure
+        except Exception as exc:
+            logger.exception("engine step raised; failing every request in the engine")
+            with self._lock:
+                request_ids = list(self._streams)
+            outputs = [o for rid in request_ids for o in self.core.fail_request(rid, exc)]
+            return outputs, exc
 
     def _drain_inbox(self, block: bool) -> None:
         try:

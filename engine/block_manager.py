@@ -20,7 +20,8 @@ Block hash (FULL blocks only): blake2b-256 over (parent block hash, the block's 
 extra keys). The extra keys list `content_hash@offset` of every image/video whose placeholder range
 overlaps the block: all placeholders have the same token id (128002 / 128003), so without them two
 prompts with the same text but different images would share KV. Hits are verified against the stored
-token ids (collision guard).
+token ids (collision guard). A sequence with a `cache_salt` starts its chain from a hash of the salt instead
+of the root, so its blocks can only ever match requests with the same salt.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ class BlockManager:
         hashes = seq.block_hashes
         bs = self.block_size
         for i in range(len(hashes), num_full_blocks):
-            parent = hashes[i - 1] if i else _ROOT_HASH
+            parent = hashes[i - 1] if i else _root_hash(seq.cache_salt)
             digest = hashlib.blake2b(parent, digest_size=32)
             digest.update(array("q", seq.token_ids[i * bs : (i + 1) * bs]).tobytes())
             if seq.mm_inputs:
@@ -242,6 +243,14 @@ class BlockManager:
                 for block_id in seq.block_table:
                     counts[block_id] += 1
             assert counts == self._ref, "ref_counts differ from the block tables (leak or double free)"
+
+
+def _root_hash(cache_salt: str | None) -> bytes:
+    """The parent of a sequence's first block: the shared root, or the root keyed with the salt."""
+    if cache_salt is None:
+        return _ROOT_HASH
+    salt = cache_salt.encode("utf-8", "surrogatepass")
+    return hashlib.blake2b(salt, digest_size=32, key=_ROOT_HASH[:32], person=b"cache-salt").digest()
 
 
 def _media_keys(seq: Sequence, start: int, end: int) -> bytes:

@@ -8,6 +8,7 @@ until a choice's first output carries them.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -18,13 +19,14 @@ from tokenizers import Tokenizer
 
 from plm_serve.engine.config import EngineConfig
 from plm_serve.engine.detokenizer import IncrementalDetokenizer, TokenTexts
-from plm_serve.engine.errors import RequestRejectedError
 from plm_serve.engine.model_runner import ModelRunner, RunnerOutput, to_token_logprob
 from plm_serve.engine.prompt_logprobs import PromptLogprobsCollector
 from plm_serve.engine.request import EngineRequest, FinishReason, StepOutput
 from plm_serve.engine.scheduler import Scheduler, SchedulerOutput
-from plm_serve.engine.sequence import Sequence
+from plm_serve.engine.sequence import Sequence, SequenceStatus
+from plm_serve.engine.step_isolation import run_isolated
 from plm_serve.engine.structured_output import GrammarCompiler, advance_grammars
+from plm_serve.engine.validation import ModelLimits, validate_request
 from plm_serve.models import PLMConfig, load_model
 
 logger = logging.getLogger(__name__)
@@ -34,8 +36,11 @@ logger = logging.getLogger(__name__)
 CPU_DEFAULT_KV_BLOCKS = 4096
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class EngineStats:
+    """A snapshot of the engine's gauges and counters. The engine thread publishes a new one after every change
+    (one reference assignment), so other threads read a consistent object and never the live scheduler."""
+
     num_running: int = 0
     num_waiting: int = 0
     kv_usage: float = 0.0
@@ -89,10 +94,20 @@ class EngineCore:
         self.token_texts = TokenTexts(
             tokenizer
         )  # logprob token texts, memoized (a long prompt repeats tokens)
-        self.stats = EngineStats(num_kv_blocks=num_blocks)
         # Structured outputs and prompt scoring (engine/structured_output.py, engine/prompt_logprobs.py).
         self.grammars = GrammarCompiler(tokenizer, model_config.text.vocab_size, self.eos_token_ids)
         self.prompt_logprobs = PromptLogprobsCollector()
+        self.model_config = model_config
+        self.limits = ModelLimits(
+            vocab_size=model_config.text.vocab_size,
+            placeholder_ids={"image": model_config.image_token_id, "video": model_config.video_token_id},
+            tokens_per_tile=model_config.tokens_per_tile,
+            max_waiting=config.max_waiting_requests,
+        )
+        # Set by a step in which nothing could run, not even each request alone (see step_isolation.py).
+        self.unattributed_failure: Exception | None = None
+        self._counters = EngineStats(num_kv_blocks=num_blocks)  # cumulative counters, engine thread only
+        self.stats = self._counters
 
     @classmethod
     def load(cls, config: EngineConfig) -> EngineCore:
@@ -108,26 +123,16 @@ class EngineCore:
 
     # ------------------------------------------------------------------------------------------- requests
     def add_request(self, request: EngineRequest) -> None:
-        self._check_media_rows(request)
+        """Queue `request`; RequestRejectedError if it can never run or a value could not enter a batch."""
+        validate_request(request, self.limits)
         structured = request.sampling.structured_output
         # A cache hit when the server compiled it (off this thread) before submitting; StructuredOutputError.
         grammar = self.grammars.compile(structured) if structured is not None else None
-        # Raises RequestRejectedError for requests that can never run.
         seqs = self.scheduler.add_request(request)
         if grammar is not None:
             for seq in seqs:
                 seq.grammar = grammar.matcher()
         self._refresh_gauges()
-
-    def _check_media_rows(self, request: EngineRequest) -> None:
-        """Each media item needs one embedding row per placeholder: tiles x the model's tokens per tile."""
-        per_tile = self.runner.model.config.tokens_per_tile
-        for i, item in enumerate(request.mm_inputs):
-            if item.length != item.num_tiles * per_tile:
-                raise RequestRejectedError(
-                    f"media item {i} has {item.length} placeholders for {item.num_tiles} tiles, but this model "
-                    f"makes {per_tile} embeddings per tile (processor and model configs disagree?)"
-                )
 
     def abort_request(self, request_id: str) -> list[StepOutput]:
         """Drop a request everywhere; returns a final ABORT output per unfinished choice (empty if unknown)."""
@@ -145,23 +150,53 @@ class EngineCore:
     # ------------------------------------------------------------------------------------------- step
     def step(self) -> list[StepOutput]:
         t0 = time.perf_counter()
+        self.unattributed_failure = None
         sched = self.scheduler.schedule()
         if not sched.chunks and not sched.encoder_inputs:
             return []
-        try:
-            result = self.runner.execute(sched)
-        except Exception as exc:  # a failing batch must not take the loop down
-            logger.exception("engine step failed; failing the requests of this step")
-            return self._fail_step(sched, exc)
-        self.scheduler.update(sched, result.sampled)
+        # A failing batch must not take the loop or the step's other requests down: see step_isolation.py.
+        isolated = run_isolated(self.runner.execute, sched)
+        self.unattributed_failure = isolated.unattributed
+        outputs: list[StepOutput] = []
+        failed = set(isolated.failed)
+        for request_id, exc in isolated.failed.items():
+            outputs += self.fail_request(request_id, exc)
+        result = isolated.results
+        self.scheduler.update(sched, result.sampled)  # failed requests are finished: update skips them
         self.prompt_logprobs.add(result.prompt_logprobs)
         sampled = [
-            (c.seq, result.sampled[c.seq.seq_id]) for c in sched.chunks if c.seq.seq_id in result.sampled
+            (c.seq, result.sampled[c.seq.seq_id])
+            for c in sched.chunks
+            if c.seq.seq_id in result.sampled and c.seq.request_id not in failed
         ]
         for seq in advance_grammars(sampled):  # a grammar that is complete ends its sequence
             self.scheduler.finish(seq, FinishReason.STOP)
-        outputs = [self._emit(c.seq, result) for c in sched.chunks if c.seq.seq_id in result.sampled]
+        for chunk in sched.chunks:
+            seq = chunk.seq
+            if seq.seq_id not in result.sampled or seq.request_id in failed:
+                continue
+            try:
+                outputs.append(self._emit(seq, result))
+            except Exception as exc:  # detokenizing one sequence must not cost the others their outputs
+                logger.exception("emitting the output of request %s failed", seq.request_id)
+                failed.add(seq.request_id)
+                self.detokenizers.pop(seq.seq_id, None)
+                if (
+                    seq.status is SequenceStatus.FINISHED
+                ):  # finished by update(): abort has no final output left to give it
+                    out = self._output(seq, "", [], FinishReason.ERROR)
+                    out.error = f"{type(exc).__name__}: {exc}"
+                    outputs.append(out)
+                outputs += self.fail_request(seq.request_id, exc)
         self._update_stats(sched, result.num_encoded_tiles, time.perf_counter() - t0)
+        return outputs
+
+    def fail_request(self, request_id: str, exc: BaseException) -> list[StepOutput]:
+        """End every unfinished choice of a request with FinishReason.ERROR (and free what it holds)."""
+        outputs = self.abort_request(request_id)
+        for out in outputs:
+            out.finish_reason = FinishReason.ERROR
+            out.error = f"{type(exc).__name__}: {exc}"
         return outputs
 
     def _emit(self, seq: Sequence, result: RunnerOutput) -> StepOutput:
@@ -203,27 +238,27 @@ class EngineCore:
             num_output_tokens=seq.num_output_tokens,
         )
 
-    def _fail_step(self, sched: SchedulerOutput, exc: Exception) -> list[StepOutput]:
-        outputs = []
-        for request_id in dict.fromkeys(c.seq.request_id for c in sched.chunks):
-            for out in self.abort_request(request_id):
-                out.finish_reason = FinishReason.ERROR
-                out.error = f"{type(exc).__name__}: {exc}"
-                outputs.append(out)
-        return outputs
-
     def _refresh_gauges(self) -> None:
-        """Copy the scheduler's gauges and counters into `stats` (read by other threads without locking)."""
-        s, bm, ec = self.stats, self.scheduler.block_manager, self.scheduler.encoder_cache
-        s.num_running, s.num_waiting = self.scheduler.num_running, self.scheduler.num_waiting
-        s.kv_usage = bm.usage
-        s.prefix_cache_queries, s.prefix_cache_hits = bm.queries, bm.hits
-        s.encoder_cache_queries, s.encoder_cache_hits = ec.queries, ec.hits
+        """Publish a new `stats` snapshot from the scheduler's gauges and the cumulative counters."""
+        bm, ec = self.scheduler.block_manager, self.scheduler.encoder_cache
+        self.stats = dataclasses.replace(
+            self._counters,
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            kv_usage=bm.usage,
+            prefix_cache_queries=bm.queries,
+            prefix_cache_hits=bm.hits,
+            encoder_cache_queries=ec.queries,
+            encoder_cache_hits=ec.hits,
+        )
 
     def _update_stats(self, sched: SchedulerOutput, num_tiles: int, seconds: float) -> None:
-        s = self.stats
+        c = self._counters
+        self._counters = dataclasses.replace(
+            c,
+            num_encoded_tiles=c.num_encoded_tiles + num_tiles,
+            num_preemptions=c.num_preemptions + len(sched.preempted),
+            num_steps=c.num_steps + 1,
+            last_step_seconds=seconds,
+        )
         self._refresh_gauges()
-        s.num_encoded_tiles += num_tiles
-        s.num_preemptions += len(sched.preempted)
-        s.num_steps += 1
-        s.last_step_seconds = seconds

@@ -7,6 +7,7 @@ another process behind the same interface later.
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -47,8 +48,8 @@ class StructuredOutputParams:
 class SamplingParams:
     """Per-request decoding settings (OpenAI names where OpenAI has them).
 
-    `temperature == 0` means greedy. PLM's `generation_config.json` is greedy, so the server passes 0 unless the
-    client asks otherwise.
+    `temperature == 0` (below `SAMPLING_EPS`) means greedy. PLM's `generation_config.json` is greedy, so the
+    server passes 0 unless the client asks otherwise. Every value is bounded (`validate`).
     """
 
     max_tokens: int | None = 16  # None: up to the context length
@@ -73,34 +74,90 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # None: off; k >= 0: each prompt token's logprob (and rank) + k top
 
     def __post_init__(self) -> None:
-        checks = [
-            (self.max_tokens is None or self.max_tokens >= 1, "max_tokens must be at least 1"),
-            (self.min_tokens >= 0, "min_tokens must be >= 0"),
-            (
-                self.max_tokens is None or self.min_tokens <= self.max_tokens,
-                "min_tokens must be <= max_tokens",
-            ),
-            (self.temperature >= 0.0, "temperature must be >= 0"),
-            (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
-            (self.top_k >= 0, "top_k must be >= 0 (0 disables it)"),
-            (0.0 <= self.min_p <= 1.0, "min_p must be in [0, 1]"),
-            (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be in [-2, 2]"),
-            (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]"),
-            (self.repetition_penalty > 0.0, "repetition_penalty must be > 0"),
-            (self.n >= 1, "n must be at least 1"),
-            (self.logprobs is None or 0 <= self.logprobs <= 20, "top_logprobs must be in [0, 20]"),
-            (
-                self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
-                "prompt_logprobs must be in [0, 20]",
-            ),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(message)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError unless every value is of its type and within its bounds.
+
+        Run at construction and again by `EngineCore.add_request` (the dataclass is mutable). Bounds are the
+        engine's own, independent of any frontend: counts fit int32, seeds int64 or uint64, floats are finite
+        and representable in float32 (the sampler's dtype), so no value can overflow a batched tensor.
+        """
+        for message in _sampling_errors(self):
+            raise ValueError(message)
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        """Argmax decoding: temperature (or top_p) below `SAMPLING_EPS`, or top_k 1. Dividing logits by a
+        temperature that small would overflow float32 rather than sharpen the distribution."""
+        return self.temperature < SAMPLING_EPS or self.top_p < SAMPLING_EPS or self.top_k == 1
+
+
+SAMPLING_EPS = 1e-5  # temperatures / top_p below this sample greedily (vLLM's threshold)
+MAX_COUNT = 2**31 - 1  # max_tokens, min_tokens, top_k, token ids: int32 on the device
+MAX_CHOICES = 2**16
+MAX_TOP_LOGPROBS = 20
+_INT64_MIN, _UINT64_MAX = -(2**63), 2**64 - 1
+_FLOAT32_MAX = 3.4e38
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _sampling_errors(p: SamplingParams) -> list[str]:
+    """Every violated bound of `p`, as messages that start with the field's name."""
+    ints: list[tuple[str, object, int, int]] = [
+        ("min_tokens", p.min_tokens, 0, MAX_COUNT),
+        ("top_k", p.top_k, 0, MAX_COUNT),
+        ("n", p.n, 1, MAX_CHOICES),
+    ]
+    if p.max_tokens is not None:
+        ints.append(("max_tokens", p.max_tokens, 1, MAX_COUNT))
+    if p.seed is not None:
+        ints.append(("seed", p.seed, _INT64_MIN, _UINT64_MAX))
+    if p.logprobs is not None:
+        ints.append(("logprobs", p.logprobs, 0, MAX_TOP_LOGPROBS))
+    if p.prompt_logprobs is not None:
+        ints.append(("prompt_logprobs", p.prompt_logprobs, 0, MAX_TOP_LOGPROBS))
+    errors = [
+        f"{name} must be an integer in [{low}, {high}], got {value!r}"
+        for name, value, low, high in ints
+        if not (_is_int(value) and low <= value <= high)  # type: ignore[operator]
+    ]
+    floats = [
+        ("temperature", p.temperature, 0.0, _FLOAT32_MAX),
+        ("top_p", p.top_p, 0.0, 1.0),
+        ("min_p", p.min_p, 0.0, 1.0),
+        ("presence_penalty", p.presence_penalty, -2.0, 2.0),
+        ("frequency_penalty", p.frequency_penalty, -2.0, 2.0),
+        ("repetition_penalty", p.repetition_penalty, 0.01, 100.0),
+    ]
+    errors += [
+        f"{name} must be a finite number in [{low:g}, {high:g}], got {value!r}"
+        for name, value, low, high in floats
+        if not (_is_real(value) and low <= value <= high)
+    ]
+    if _is_real(p.top_p) and p.top_p == 0.0:
+        errors.append("top_p must be > 0 (0 would keep no token)")
+    if not errors and p.max_tokens is not None and p.min_tokens > p.max_tokens:
+        errors.append("min_tokens must be <= max_tokens")
+    if not isinstance(p.logit_bias, dict) or not all(
+        _is_int(k) and 0 <= k <= MAX_COUNT and _is_real(v) and -100.0 <= v <= 100.0
+        for k, v in p.logit_bias.items()
+    ):
+        errors.append("logit_bias must map token ids to finite numbers in [-100, 100]")
+    if not isinstance(p.stop_token_ids, (list, tuple)) or not all(
+        _is_int(t) and 0 <= t <= MAX_COUNT for t in p.stop_token_ids
+    ):
+        errors.append("stop_token_ids must be a list of token ids")
+    if not isinstance(p.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in p.stop):
+        errors.append("stop must be a list of non-empty strings")
+    return errors
 
 
 @dataclass(slots=True)
@@ -131,6 +188,9 @@ class EngineRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     mm_inputs: list[MMInput] = field(default_factory=list)  # in placeholder order, non-overlapping
     arrival_time: float = 0.0  # time.monotonic() when the server received it (for queue-time metrics)
+    # Mixed into the first KV block hash: only requests with the same salt share prefix-cache blocks, so one
+    # tenant cannot learn from cache hits what another sent (vLLM's `cache_salt`). None: the shared cache.
+    cache_salt: str | None = None
 
 
 @dataclass(slots=True)

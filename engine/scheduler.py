@@ -156,6 +156,7 @@ class Scheduler:
             sampling=req.sampling,
             mm_inputs=req.mm_inputs,
             arrival_time=req.arrival_time,
+            cache_salt=req.cache_salt,
         )
 
     def _validate(self, req: EngineRequest) -> None:

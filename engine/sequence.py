@@ -9,7 +9,7 @@ A request with `n` choices becomes `n` sequences sharing the prompt. Invariants:
   * `block_table[i]` holds the KV of positions `[i * block_size, (i + 1) * block_size)`; it covers at
     least `num_computed_tokens` positions while RUNNING and is empty while WAITING or FINISHED.
   * `block_hashes[i]` is the chained content hash of full block i (see block_manager.py); it depends
-    only on token ids and media, so it survives preemption. The first `num_cached_blocks` blocks of
+    only on token ids, media and the cache salt, so it survives preemption. The first `num_cached_blocks` blocks of
     `block_table` are registered in the prefix cache.
   * `encoder_refs`: content hashes of media whose encoder output this sequence still needs (its
     prefill has not passed the placeholder range yet); it holds a reference on each in the encoder cache.
@@ -44,6 +44,7 @@ class Sequence:
     sampling: SamplingParams
     mm_inputs: list[MMInput] = field(default_factory=list)
     arrival_time: float = 0.0
+    cache_salt: str | None = None  # see EngineRequest.cache_salt; part of block_hashes[0]
 
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0

@@ -77,16 +77,23 @@ class LLM:
         return self._run(processed, sampling_params or SamplingParams())
 
     def _run(self, prompts: list[ProcessedPrompt], params: SamplingParams) -> list[RequestOutput]:
+        """Add every prompt, step until all are done. If one fails (or is rejected, or the caller interrupts),
+        the rest of the batch is aborted before the error propagates, so the engine is empty and the next call
+        starts clean."""
         results: dict[str, RequestOutput] = {}
-        for prompt in prompts:
-            request_id = f"offline-{next(self._ids)}"
-            media = [MMInput(m.content_hash, m.pixels, m.offset, m.length, m.kind) for m in prompt.media]
-            self.core.add_request(EngineRequest(request_id, prompt.token_ids, params, media))
-            outputs = [CompletionOutput(index=i) for i in range(params.n)]
-            results[request_id] = RequestOutput(request_id, prompt.token_ids, outputs)
-        while self.core.has_unfinished():
-            for out in self.core.step():
-                _accumulate(results[out.request_id], out)
+        try:
+            for prompt in prompts:
+                request_id = f"offline-{next(self._ids)}"
+                media = [MMInput(m.content_hash, m.pixels, m.offset, m.length, m.kind) for m in prompt.media]
+                outputs = [CompletionOutput(index=i) for i in range(params.n)]
+                results[request_id] = RequestOutput(request_id, prompt.token_ids, outputs)
+                self.core.add_request(EngineRequest(request_id, prompt.token_ids, params, media))
+            while self.core.has_unfinished():
+                for out in self.core.step():
+                    _accumulate(results[out.request_id], out)
+        finally:
+            for request_id in results:
+                self.core.abort_request(request_id)  # a no-op for finished requests
         return list(results.values())
 
 

@@ -66,8 +66,8 @@ def probe_image(data: bytes, limits: MediaLimits) -> ProbedImage:
     try:
         image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
         width, height = image.size
-    except Image.DecompressionBombError as e:
-        raise MediaTooLargeError(f"the image has too many pixels: {e}") from e
+    except Image.DecompressionBombError:
+        raise _too_many_pixels(limits.max_image_pixels) from None
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ... on bad headers
         raise MediaDecodeError(
             f"cannot decode the image ({_reason(e)}); supported formats: JPEG, PNG, GIF, WebP, BMP, TIFF"
@@ -84,6 +84,12 @@ def probe_image(data: bytes, limits: MediaLimits) -> ProbedImage:
     if transpose in _SWAPS_AXES:
         width, height = height, width
     return ProbedImage(image=image, width=width, height=height, transpose=transpose)
+
+
+def _too_many_pixels(limit: int | None) -> MediaTooLargeError:
+    """Our own message for PIL's decompression-bomb refusal (PIL's speaks of "DOS attacks")."""
+    over = f"over the pixel limit of {limit}" if limit else "over the pixel limit"
+    return MediaTooLargeError(f"the image's header declares a size {over}; downscale it before sending")
 
 
 def _orientation(image: Image.Image) -> int:
@@ -120,8 +126,8 @@ def decode_image(probed: ProbedImage, convert_rgb: bool = True) -> torch.Tensor:
         raw = bytearray(rgb.tobytes("raw", "RGBX"))  # writable, so torch can share it without a warning
     except MediaDecodeError:
         raise
-    except Image.DecompressionBombError as e:
-        raise MediaTooLargeError(f"the image has too many pixels: {e}") from e
+    except Image.DecompressionBombError:
+        raise _too_many_pixels(None) from None
     except Exception as e:  # truncated data, corrupt streams, unsupported modes
         raise MediaDecodeError(
             f"cannot decode the image ({_reason(e)}); the file may be truncated or corrupt"

@@ -13,6 +13,7 @@ a string system prompt.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,7 @@ from plm_serve.processors.content import ImageInput, VideoInput
 from plm_serve.processors.errors import InvalidContentError
 
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +148,8 @@ def _parts(
 
 
 def _check_text(text: str, where: str, markers: tuple[str, ...]) -> None:
+    if not text.isascii() and _SURROGATE.search(text):
+        raise InvalidContentError("text is not valid Unicode (it has a lone surrogate)", param=where)
     for marker in markers:
         if marker in text:
             raise InvalidContentError(

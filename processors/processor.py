@@ -2,11 +2,14 @@
 
 Order of work in `process_chat` (cheap checks first, pixels last):
 1. validate messages and parts;
-2. read media headers only (image size and orientation; video frame count and timestamps);
-3. count tokens per media item from those sizes alone;
-4. render the chat template, tokenize, expand each placeholder to its token count;
-5. reject over-long prompts (`PromptTooLongError`) before any pixel is decoded or resized;
-6. decode and tile the pixels.
+2. refuse text that cannot fit from its size alone (a token covers at most `max_chars_per_token`
+   characters), before any tokenization;
+3. read media headers only (image size and orientation; video frame count and timestamps);
+4. count tokens per media item from those sizes alone;
+5. render the chat template, tokenize (only the template's markers are control tokens, see
+   special_tokens.py; the GIL is released meanwhile), expand each placeholder to its token count;
+6. reject over-long prompts (`PromptTooLongError`) before any pixel is decoded or resized;
+7. decode and tile the pixels.
 """
 
 from __future__ import annotations
@@ -32,8 +35,16 @@ from plm_serve.processors.errors import (
 from plm_serve.processors.image_decode import ProbedImage, decode_image, probe_image
 from plm_serve.processors.limits import MediaLimits
 from plm_serve.processors.messages import MediaPart, parse_messages
+from plm_serve.processors.special_tokens import TemplateTokenizer
 from plm_serve.processors.tiling import Grid, select_grid, tile_image
-from plm_serve.processors.tokenizer import TokenizerConfig, load_tokenizer, load_tokenizer_config, token_id
+from plm_serve.processors.tokenizer import (
+    TokenizerConfig,
+    encode_texts,
+    load_tokenizer,
+    load_tokenizer_config,
+    max_chars_per_token,
+    token_id,
+)
 from plm_serve.processors.tool_prompt import render_tool_messages
 from plm_serve.processors.video import ProbedVideo, count_frames, decode_frames, frame_targets, probe_video
 
@@ -84,7 +95,11 @@ class _Plan:
 
 
 class Processor:
-    """Tokenizer, chat template and media preprocessing of a PLM checkpoint; stateless, thread-safe."""
+    """Tokenizer, chat template and media preprocessing of a PLM checkpoint; stateless, thread-safe.
+
+    `control_tokens_in_text=True` restores the old tokenization of chat prompts: special-token strings inside
+    message text become control tokens (a user can then forge turns; the default treats them as text).
+    """
 
     def __init__(
         self,
@@ -94,8 +109,12 @@ class Processor:
         settings: ProcessorSettings,
         limits: MediaLimits | None = None,
         resize_device: str | torch.device | None = None,
+        control_tokens_in_text: bool = False,
     ) -> None:
         self.tokenizer = tokenizer
+        self.control_tokens_in_text = control_tokens_in_text
+        self.template_tokenizer = None if control_tokens_in_text else TemplateTokenizer(tokenizer)
+        self.max_chars_per_token = max_chars_per_token(tokenizer)
         self.tokenizer_config = tokenizer_config
         self.settings = settings
         self.limits = limits or MediaLimits()
@@ -117,6 +136,7 @@ class Processor:
         *,
         resize_device: str | None = None,
         chat_template: str | None = None,
+        control_tokens_in_text: bool = False,
     ) -> Processor:
         """Load a checkpoint: tokenizer.json, tokenizer_config.json, chat template, processor config.
         `chat_template` (template source) replaces the checkpoint's template."""
@@ -130,6 +150,7 @@ class Processor:
             settings=settings,
             limits=limits,
             resize_device=resize_device,
+            control_tokens_in_text=control_tokens_in_text,
         )
 
     # ------------------------------------------------------------------------------------------ token counts
@@ -178,12 +199,13 @@ class Processor:
                 f"over the limit of {self.limits.max_media_per_request}",
                 param="messages",
             )
+        if max_prompt_tokens is not None:
+            self._check_text_size(sum(map(len, _texts(parsed.messages))), max_prompt_tokens, "messages")
         images = [self._plan_image(p) for p in parsed.images]
         videos = [self._plan_video(p) for p in parsed.videos]
-        text = self._render(parsed.messages, tools, add_generation_prompt)
-        ids = self.tokenizer.encode(
-            text, add_special_tokens=False
-        ).ids  # the template already starts with BOS
+        ids = self._tokenize_chat(
+            parsed.messages, tools, add_generation_prompt
+        )  # the template starts with BOS
         token_ids, offsets = self._expand(ids, images, videos)
         if max_prompt_tokens is not None and len(token_ids) > max_prompt_tokens:
             raise _too_long(len(token_ids), max_prompt_tokens, images + videos)
@@ -204,7 +226,9 @@ class Processor:
         """Plain text (/v1/completions) -> token ids with BOS, like `tokenizer(text)`."""
         if not isinstance(text, str):
             raise InvalidContentError("prompt must be a string", param="prompt")
-        ids = self.tokenizer.encode(text, add_special_tokens=True).ids
+        if max_prompt_tokens is not None:
+            self._check_text_size(len(text), max_prompt_tokens, "prompt")
+        (ids,) = encode_texts(self.tokenizer, [text], add_special_tokens=True)
         if self.image_token_id in ids or self.video_token_id in ids:
             raise InvalidContentError(
                 "a text prompt may not contain media placeholder tokens; "
@@ -220,21 +244,40 @@ class Processor:
             )
         return ProcessedPrompt(ids, [])
 
-    def _render(
-        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, add_generation_prompt: bool
-    ) -> str:
-        if self.template.renders_tools:
-            return self.template.render(
-                messages, add_generation_prompt=add_generation_prompt, tools=tools or None
-            )
-        messages = render_tool_messages(messages, tools)
-        return self.template.render(messages, add_generation_prompt=add_generation_prompt)
-
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         """Token ids -> text."""
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
     # ------------------------------------------------------------------------------------------ internals
+
+    def _check_text_size(self, num_chars: int, max_tokens: int, param: str) -> None:
+        """PromptTooLongError for text that needs more than `max_tokens` tokens even at the most characters
+        per token any token covers: refused in O(1), before tokenizing megabytes for nothing."""
+        per_token = self.max_chars_per_token
+        if per_token is None or -(-num_chars // per_token) <= max_tokens:
+            return
+        raise PromptTooLongError(
+            f"the prompt has {num_chars} characters of text, which cannot fit in the limit of {max_tokens} "
+            f"tokens (a token covers at most {per_token} characters); send less text",
+            num_tokens=-(-num_chars // per_token),
+            limit=max_tokens,
+            param=param,
+        )
+
+    def _tokenize_chat(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, add_generation_prompt: bool
+    ) -> list[int]:
+        """Render and tokenize. Tools, tool calls and tool results are written into the message texts first
+        (unless the template renders tools itself), so they are guarded like any other text: only the
+        template's own markers become control tokens (processors/special_tokens.py)."""
+        if not self.template.renders_tools:
+            messages, tools = render_tool_messages(messages, tools), None
+        if self.template_tokenizer is None:  # the old behaviour: special tokens in text are control tokens
+            text = self.template.render(messages, add_generation_prompt=add_generation_prompt, tools=tools)
+            return encode_texts(self.tokenizer, [text], add_special_tokens=False)[0]
+        guarded = _map_texts(messages, self.template_tokenizer.guard)
+        text = self.template.render(guarded, add_generation_prompt=add_generation_prompt, tools=tools)
+        return self.template_tokenizer.encode(text)
 
     def _hash(self, data: bytes, kind: str, params: dict[str, Any]) -> str:
         h = hashlib.sha256()
@@ -324,6 +367,31 @@ class Processor:
         except ProcessorError as e:
             e.with_param(plan.param)
             raise
+
+
+def _texts(messages: list[dict[str, Any]]) -> list[str]:
+    """Every text of template-ready messages (a system string, or the text parts of a content list)."""
+    out: list[str] = []
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, str):
+            out.append(content)
+        else:
+            out += [p["text"] for p in content if p.get("type") == "text"]
+    return out
+
+
+def _map_texts(messages: list[dict[str, Any]], fn) -> list[dict[str, Any]]:
+    """Template-ready messages with `fn` applied to every text (new dicts; the input is not modified)."""
+    out = []
+    for message in messages:
+        content = message["content"]
+        if isinstance(content, str):
+            content = fn(content)
+        else:
+            content = [{**p, "text": fn(p["text"])} if p.get("type") == "text" else p for p in content]
+        out.append({**message, "content": content})
+    return out
 
 
 def _too_long(num_tokens: int, limit: int, plans: list[_Plan]) -> PromptTooLongError:

@@ -88,3 +88,21 @@ def token_id(tokenizer: Tokenizer, token: str, what: str) -> int:
     if value is None:
         raise CheckpointConfigError(f"the tokenizer has no {what} {token!r}")
     return value
+
+
+def encode_texts(tokenizer: Tokenizer, texts: list[str], *, add_special_tokens: bool) -> list[list[int]]:
+    """Token ids of each text. `encode_batch` releases the GIL while it works (`encode` does not): a long text
+    tokenized in a worker thread must not stall the event loop and every other request with it."""
+    return [e.ids for e in tokenizer.encode_batch(texts, add_special_tokens=add_special_tokens)]
+
+
+def max_chars_per_token(tokenizer: Tokenizer) -> int | None:
+    """The most characters of input one token can cover, or None when that cannot be bounded.
+
+    Every token's vocabulary string is at least as long as the text it stands for (byte-level pieces use
+    one character per byte, SentencePiece's byte fallback six), so a text of C characters needs at least
+    ceil(C / max) tokens. A normalizer could shrink the text before tokenizing: then no bound is claimed.
+    """
+    if tokenizer.normalizer is not None:
+        return None
+    return max((len(piece) for piece in tokenizer.get_vocab(with_added_tokens=True)), default=None)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import bisect
 import io
 import itertools
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
@@ -175,14 +176,20 @@ def count_frames(
             raise InvalidContentError(f"num_frames must be a positive integer, got {num_frames!r}")
         wanted = num_frames
     elif fps is not None:
-        if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not fps > 0:
-            raise InvalidContentError(f"fps must be a positive number, got {fps!r}")
+        if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not (fps > 0 and math.isfinite(fps)):
+            raise InvalidContentError(f"fps must be a positive finite number, got {fps!r}")
         duration = probed.duration_s
         if duration is None:
             raise MediaDecodeError(
                 "the video has no timing information to sample by fps; give num_frames instead"
             )
-        wanted = max(1, int(duration * fps))  # as transformers: int(total / video_fps * fps), at least one
+        exact = duration * fps  # a float: a huge fps overflows to inf here, never inside int()
+        if not exact < limits.max_video_frames + 1:  # int(exact) would exceed it (NaN too)
+            raise MediaTooLargeError(
+                f"sampling a {duration:.3g} s video at {fps:g} fps is over the limit of "
+                f"{limits.max_video_frames} frames (each costs tokens); ask for a lower fps"
+            )
+        wanted = max(1, int(exact))  # as transformers: int(total / video_fps * fps), at least one
     else:
         wanted = min(default_frames, limits.max_video_frames)
     if wanted > limits.max_video_frames:

@@ -12,10 +12,10 @@ import argparse
 import asyncio
 import logging
 import os
-import socket
 import sys
 import typing
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -23,7 +23,8 @@ import uvicorn
 from plm_serve.engine import EngineConfig
 from plm_serve.processors import MediaLimits
 from plm_serve.server.config import ServerConfig
-from plm_serve.server.flags import SettingsError, add_flags, settings
+from plm_serve.server.connections import head_deadline_protocol
+from plm_serve.server.flags import SettingsError, add_flags, given_flags, settings
 from plm_serve.server.logs import LOG_FORMATS, configure_logging, uvicorn_log_config
 from plm_serve.server.presets import load_preset
 from plm_serve.server.version import VERSION
@@ -73,7 +74,7 @@ def build_configs(args: argparse.Namespace, environ: dict[str, str]) -> ServerCo
 def _build_configs(args: argparse.Namespace, environ: dict[str, str]) -> ServerConfig:
     values: dict[str, Any] = load_preset(args.config) if args.config else {}
     preset_model = values.pop("model", None)
-    values.update({k: v for k, v in vars(args).items() if v is not None and k in settings()})
+    values.update(given_flags(args))
     if "api_key" not in values and environ.get("PLM_API_KEY"):
         values["api_key"] = environ["PLM_API_KEY"]
     model = args.model or preset_model or _demo_model(environ)
@@ -116,24 +117,47 @@ def _require_cuda() -> None:
 
 
 class GracefulServer(uvicorn.Server):
-    """On SIGTERM/SIGINT: stop accepting, let running requests finish for the grace period, abort the rest.
+    """Shutdown in two stages.
 
-    uvicorn alone would wait for open streams indefinitely (or cut them mid-token at its timeout); draining
-    the engine first lets every stream end properly, after which uvicorn's own connection wait completes.
+    First SIGTERM/SIGINT: drain. The listener stays up, /health and new requests answer 503 (so a load
+    balancer takes the instance out of rotation and clients retry elsewhere), running requests get the
+    grace period to finish and are aborted after it (their streams still end properly). Then uvicorn closes
+    the listener and the connections and runs the lifespan shutdown. A second signal forces the exit at once.
+
+    Exit code (`serve`'s): 0 after a drain, 1 when forced or when the model failed to load. (uvicorn alone
+    closes the listener at the first signal and re-raises the signal after shutdown, so the process would end
+    "killed by SIGTERM".)
     """
 
     def __init__(self, config: uvicorn.Config, grace_s: float) -> None:
         super().__init__(config)
         self.grace_s = grace_s
+        self.signalled = False
+        self.forced = False
+        self._drain: asyncio.Future | None = None
 
-    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # A signal handler: it only sets flags (the loop's next tick acts on them). Not calling super() also
+        # keeps uvicorn from re-raising the signal after shutdown.
+        if self.signalled:
+            logger.warning("second signal: exiting now, without waiting for running requests")
+            self.forced = self.force_exit = self.should_exit = True
+        else:
+            logger.info("signal %d: draining (a second signal exits at once)", sig)
+            self.signalled = True
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.signalled and self._drain is None:
+            self._drain = asyncio.ensure_future(self._drain_then_exit())
+        return await super().on_tick(counter)
+
+    async def _drain_then_exit(self) -> None:
         from plm_serve.server.app import drain
 
-        draining = asyncio.ensure_future(drain(self.config.app, self.grace_s))  # type: ignore[arg-type]
         try:
-            await super().shutdown(sockets)
+            await drain(self.config.app, self.grace_s)  # type: ignore[arg-type]
         finally:
-            await draining
+            self.should_exit = True
 
 
 def serve(config: ServerConfig, log_level: str = "info", log_format: str = "text") -> int:
@@ -152,11 +176,13 @@ def serve(config: ServerConfig, log_level: str = "info", log_format: str = "text
         port=config.port,
         log_level=log_level,
         log_config=uvicorn_log_config(log_format),
+        http=head_deadline_protocol(config.header_read_timeout_s),
+        timeout_keep_alive=config.keep_alive_timeout_s,  # type: ignore[arg-type]  # a float works (call_later)
         timeout_graceful_shutdown=int(config.shutdown_grace_seconds) + 5,  # a backstop behind drain()
     )
     server = GracefulServer(uv_config, config.shutdown_grace_seconds)
     server.run()
-    return 1 if app.state.ctx.load_error else 0
+    return 1 if app.state.ctx.load_error or server.forced else 0
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,7 +22,8 @@ from plm_serve.server.deps import ServerContext
 from plm_serve.server.errors import install_exception_handlers
 from plm_serve.server.media_fetch import MediaFetcher
 from plm_serve.server.metrics import ServerMetrics
-from plm_serve.server.middleware import ApiKeyAuth, BodySizeLimit, RequestCounter, RequestId
+from plm_serve.server.middleware import ApiKeyAuth, InternalErrorGuard, RequestBody, RequestCounter, RequestId
+from plm_serve.server.openapi import install_openapi
 from plm_serve.server.playground import router as playground_router
 from plm_serve.server.routes import router
 from plm_serve.server.version import VERSION
@@ -68,9 +69,16 @@ def create_app(
     if config.playground:
         app.include_router(playground_router)
     install_exception_handlers(app)
+    install_openapi(app, config)
     # add_middleware wraps: the last added runs first.
-    app.add_middleware(BodySizeLimit, max_bytes=config.max_request_body_bytes)
+    app.add_middleware(
+        RequestBody,
+        max_media_bytes=config.max_request_body_bytes,
+        max_text_bytes=config.max_text_request_body_bytes,
+        read_timeout_s=config.request_read_timeout_s,
+    )
     app.add_middleware(ApiKeyAuth, api_key=config.api_key)
+    app.add_middleware(InternalErrorGuard, metrics=ctx.metrics)
     app.add_middleware(RequestCounter, metrics=ctx.metrics)
     app.add_middleware(RequestId)
     return app
@@ -91,6 +99,7 @@ async def _load(
                 cfg.model,
                 limits=cfg.media,
                 chat_template=cfg.chat_template_source(),
+                control_tokens_in_text=cfg.control_tokens_in_messages,
             )
         if engine is None:
             assert cfg.engine is not None

@@ -26,6 +26,7 @@ from plm_serve.processors import TokenBytes
 from plm_serve.server import sse
 from plm_serve.server.deps import ServerContext
 from plm_serve.server.errors import bad_request
+from plm_serve.server.limits import check_caps, request_cache_salt, with_output_budget
 from plm_serve.server.logprobs import chat_logprobs, prompt_logprobs_out
 from plm_serve.server.metrics import RequestRecorder
 from plm_serve.server.protocol import (
@@ -69,10 +70,11 @@ async def create_chat_completion(
     arrival = time.monotonic()
     meta = ChatMeta(id=f"chatcmpl-{uuid.uuid4().hex}", model=ctx.model_name, include_usage=body.include_usage)
     recorder = RequestRecorder(ctx.metrics, arrival)
-    usage = UsageCounter()
+    usage = UsageCounter(report_cached=ctx.config.report_cached_tokens)
+    salt = request_cache_salt(body.cache_salt, http.headers.get("authorization"), ctx.config)
 
     async def start() -> AsyncGenerator[StepOutput, None]:
-        request = await build_request(body, plan, ctx, engine, meta.id, arrival)
+        request = await build_request(body, plan, ctx, engine, meta.id, arrival, cache_salt=salt)
         usage.prompt_tokens = len(request.prompt_token_ids)
         return await open_generation(engine, request, recorder)
 
@@ -97,9 +99,11 @@ async def build_request(
     engine: EngineClient,
     request_id: str,
     arrival: float,
+    cache_salt: str | None = None,
 ) -> EngineRequest:
     assert ctx.processor is not None
     params = body.to_sampling_params(ctx.processor.tokenizer.get_vocab_size())
+    check_caps(params, ctx.config)
     answer = structured_output_of(body)
     param = answer[1] if answer is not None else "tool_choice"
     grammar = plan.grammar(answer[0] if answer is not None else None, param)
@@ -110,7 +114,8 @@ async def build_request(
         ctx.processor.process_chat, messages, tools=plan.prompt_tools, max_prompt_tokens=limit
     )
     prompt = await asyncio.get_running_loop().run_in_executor(ctx.executor, process)
-    return engine_request(request_id, prompt, params, arrival)
+    params = with_output_budget(params, len(prompt.token_ids), engine.max_model_len, ctx.config)
+    return engine_request(request_id, prompt, params, arrival, cache_salt)
 
 
 # ------------------------------------------------------------------------------------------------ responses

@@ -21,6 +21,7 @@ from plm_serve.processors import ProcessedPrompt
 from plm_serve.server import sse
 from plm_serve.server.deps import ServerContext
 from plm_serve.server.errors import bad_request
+from plm_serve.server.limits import check_caps, request_cache_salt, with_output_budget
 from plm_serve.server.logprobs import completion_logprobs, echo_logprobs, prompt_logprobs_out
 from plm_serve.server.metrics import RequestRecorder
 from plm_serve.server.protocol import (
@@ -53,11 +54,12 @@ async def create_completion(
         id=f"cmpl-{uuid.uuid4().hex}", model=ctx.model_name, include_usage=body.include_usage
     )
     n = body.num_choices
-    usage = UsageCounter()
+    usage = UsageCounter(report_cached=ctx.config.report_cached_tokens)
+    salt = request_cache_salt(body.cache_salt, http.headers.get("authorization"), ctx.config)
     echoes: list[PromptEcho] = []
 
     async def start() -> AsyncGenerator[StepOutput, None]:
-        requests = await build_requests(body, ctx, engine, meta.id, arrival)
+        requests = await build_requests(body, ctx, engine, meta.id, arrival, cache_salt=salt)
         usage.prompt_tokens = sum(len(r.prompt_token_ids) for r in requests)
         echoes.extend(_echoes(body, requests, ctx) if body.echo else [])
         recorders = [RequestRecorder(ctx.metrics, arrival) for _ in requests]
@@ -76,7 +78,12 @@ async def create_completion(
 
 
 async def build_requests(
-    body: CompletionRequest, ctx: ServerContext, engine: EngineClient, request_id: str, arrival: float
+    body: CompletionRequest,
+    ctx: ServerContext,
+    engine: EngineClient,
+    request_id: str,
+    arrival: float,
+    cache_salt: str | None = None,
 ) -> list[EngineRequest]:
     assert ctx.processor is not None
     vocab_size = ctx.processor.tokenizer.get_vocab_size()
@@ -86,8 +93,10 @@ async def build_requests(
     # echo + logprobs scores the prompt (k alternatives each); vLLM's prompt_logprobs asks the same.
     wanted = [k for k in (body.prompt_logprobs, body.logprobs if body.echo else None) if k is not None]
     params = await constrain(params, engine, grammar, param, max(wanted) if wanted else None)
-    limit = max_prompt_tokens(params, engine.max_model_len)
     prompts = body.prompts()
+    check_caps(params, ctx.config, num_prompts=len(prompts), logprobs_param="logprobs")
+    limit = max_prompt_tokens(params, engine.max_model_len)
+    placeholders = {ctx.processor.image_token_id, ctx.processor.video_token_id}
     loop = asyncio.get_running_loop()
     processed: list[ProcessedPrompt] = []
     for i, prompt in enumerate(prompts):
@@ -96,17 +105,31 @@ async def build_requests(
             process = functools.partial(ctx.processor.process_prompt, prompt, max_prompt_tokens=limit)
             processed.append(await loop.run_in_executor(ctx.executor, process))
         else:
-            processed.append(_token_prompt(prompt, vocab_size, limit, param))
+            processed.append(_token_prompt(prompt, vocab_size, limit, param, placeholders))
     # One engine request per prompt; the response id stays shared (engine ids must be unique).
     ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}" for i in range(len(prompts))]
-    return [engine_request(rid, p, params, arrival) for rid, p in zip(ids, processed, strict=True)]
+    max_len = engine.max_model_len
+    return [
+        engine_request(
+            rid, p, with_output_budget(params, len(p.token_ids), max_len, ctx.config), arrival, cache_salt
+        )
+        for rid, p in zip(ids, processed, strict=True)
+    ]
 
 
-def _token_prompt(token_ids: list[int], vocab_size: int, limit: int, param: str) -> ProcessedPrompt:
+def _token_prompt(
+    token_ids: list[int], vocab_size: int, limit: int, param: str, placeholders: set[int]
+) -> ProcessedPrompt:
     if not token_ids:
         raise bad_request("a prompt of token ids must not be empty", param=param)
     if any(not 0 <= t < vocab_size for t in token_ids):
         raise bad_request(f"prompt token ids must be in [0, {vocab_size})", param=param)
+    if not placeholders.isdisjoint(token_ids):
+        raise bad_request(
+            f"prompt token ids may not contain the media placeholder ids {sorted(placeholders)}: a completions "
+            "prompt has no media to put there; use /v1/chat/completions with image_url or video_url parts",
+            param=param,
+        )
     if len(token_ids) > limit:
         raise bad_request(
             f"the prompt has {len(token_ids)} tokens; with max_tokens the limit is {limit}",

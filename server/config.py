@@ -48,8 +48,54 @@ class ServerConfig:
     open."""
 
     max_request_body_bytes: int = 128 * MiB
-    """Largest HTTP body accepted (413 beyond). Base64 inflates media by 4/3: keep it above
-    max_video_bytes."""
+    """Largest HTTP body of a route that carries media (/v1/chat/completions; 413 beyond). Base64 inflates
+    media by 4/3: keep it above max_video_bytes."""
+
+    max_text_request_body_bytes: int = 16 * MiB
+    """Largest HTTP body of every other route (text and token ids only, e.g. /v1/completions; 413 beyond).
+    A context of 11520 tokens is well under 1 MB of text."""
+
+    request_read_timeout_s: float = 60.0
+    """The whole request body must arrive within this time (408 beyond): a slow upload cannot hold a
+    connection and its buffer indefinitely."""
+
+    header_read_timeout_s: float = 10.0
+    """A connection must deliver a complete request line and headers within this time of opening (or of its
+    previous response), else it is closed: no slowloris."""
+
+    keep_alive_timeout_s: float = 5.0
+    """An idle kept-alive connection is closed after this long."""
+
+    max_n: int = 16
+    """Most choices (`n`) one request may ask for; with /v1/completions, n times the number of prompts. Each
+    choice is a sequence holding KV blocks and a slot in every decode step."""
+
+    max_prompts_per_request: int = 64
+    """Most prompts in one /v1/completions request."""
+
+    default_max_tokens: int | None = 2048
+    """Output budget of a request that gives no max_tokens (capped by what the context leaves); None: up to
+    the context length. Keeps one forgetful client from generating 11k tokens on a shared server."""
+
+    max_tokens_limit: int | None = None
+    """Largest max_tokens a request may ask for (400 beyond); None: the context length is the only limit."""
+
+    max_logprobs: int = 20
+    """Most alternatives per token a request may ask for (top_logprobs; `logprobs` of /v1/completions)."""
+
+    report_cached_tokens: bool = False
+    """Report `usage.prompt_tokens_details.cached_tokens`. Off by default: on a shared server the count tells
+    a client whether someone else recently sent the same prefix (salting per API key or with `cache_salt`
+    scopes the cache itself; see docs/hardening.md)."""
+
+    prefix_cache_per_api_key: bool = True
+    """Salt prefix-cache hashes with the request's bearer token, so requests under different API keys (e.g.
+    tenants behind a gateway) never share KV blocks. Requests without a key, or with the same key, share."""
+
+    control_tokens_in_messages: bool = False
+    """The old behaviour: special-token strings inside message text (`<|eot_id|>`, ...) become control
+    tokens. Off: they are tokenized as the text they are, and only the chat template's own markers are
+    special."""
 
     media_fetch_timeout_s: float = 20.0
     """Whole-download deadline for an http(s) media URL (the connect timeout is the smaller of this and 5
@@ -89,6 +135,21 @@ class ServerConfig:
                 "api_key must not be empty (leave it unset instead)",
             ),
             (self.max_request_body_bytes >= 1024, "max_request_body_bytes must be at least 1024"),
+            (self.max_text_request_body_bytes >= 1024, "max_text_request_body_bytes must be at least 1024"),
+            (self.request_read_timeout_s > 0, "request_read_timeout_s must be > 0"),
+            (self.header_read_timeout_s > 0, "header_read_timeout_s must be > 0"),
+            (self.keep_alive_timeout_s > 0, "keep_alive_timeout_s must be > 0"),
+            (1 <= self.max_n <= 128, f"max_n={self.max_n}: use 1..128"),
+            (self.max_prompts_per_request >= 1, "max_prompts_per_request must be at least 1"),
+            (
+                self.default_max_tokens is None or self.default_max_tokens >= 1,
+                "default_max_tokens must be at least 1 (or unset: up to the context length)",
+            ),
+            (
+                self.max_tokens_limit is None or self.max_tokens_limit >= 1,
+                "max_tokens_limit must be at least 1 (or unset: the context length)",
+            ),
+            (0 <= self.max_logprobs <= 20, f"max_logprobs={self.max_logprobs}: use 0..20"),
             (self.media_fetch_timeout_s > 0, "media_fetch_timeout_s must be > 0"),
             (self.max_media_redirects >= 0, "max_media_redirects must be >= 0"),
             (self.preprocess_workers >= 1, "preprocess_workers must be at least 1"),

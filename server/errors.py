@@ -7,10 +7,14 @@ Status mapping (the one place it is decided):
 | bad parameter or JSON, validation, undecodable media, prompt too long | 400 | invalid_request_error |
 | missing or wrong API key | 401 | invalid_request_error / invalid_api_key |
 | unknown model | 404 | invalid_request_error / model_not_found |
-| body over `max_request_body_bytes`; media over a size or count limit | 413 | invalid_request_error |
+| the body did not arrive within `request_read_timeout_s` | 408 | invalid_request_error / request_timeout |
+| body over its route's limit; media over a size or count limit | 413 | invalid_request_error |
 | engine queue full (`EngineOverloadedError`) | 429, `Retry-After: 1` | rate_limit_error / engine_overloaded |
 | engine loading, dead or shutting down (`EngineDeadError`) | 503 | server_error / engine_unavailable |
-| anything else (a bug) | 500 | server_error / internal_error |
+| anything else (a bug) | 500, `Connection: close` | server_error / internal_error |
+
+The 500 is answered by `middleware.InternalErrorGuard` (inside the request-id and counting middleware, so it
+has `X-Request-Id` and is counted); no exception handler here catches `Exception`.
 
 Why 429 for a full queue: the request was fine and the server is healthy, it is only busy. 429 with
 Retry-After is what OpenAI clients already back off and retry on (the official client honours Retry-After),
@@ -72,6 +76,17 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, param=param, code=code)
 
 
+def internal_error() -> APIError:
+    """A bug: no internals in the message, and the connection is closed after it (its state is unknown)."""
+    return APIError(
+        500,
+        "internal server error",
+        type="server_error",
+        code="internal_error",
+        headers={"Connection": "close"},
+    )
+
+
 def service_unavailable(message: str) -> APIError:
     return APIError(503, message, type="server_error", code="engine_unavailable")
 
@@ -96,7 +111,7 @@ def from_exception(exc: BaseException) -> APIError:
         return APIError(413, str(exc), param=exc.param, code="media_too_large")
     if isinstance(exc, ProcessorError):
         return bad_request(str(exc), param=exc.param, code=_code_of(exc))
-    return APIError(500, "internal server error", type="server_error", code="internal_error")
+    return internal_error()
 
 
 def _code_of(exc: ProcessorError) -> str:
@@ -121,7 +136,7 @@ def param_from_loc(loc: tuple[Any, ...]) -> str | None:
             continue
         if p in ("body", "query", "path", "header") and i == 0:
             continue
-        if "[" in p or p in _TYPE_LABELS or p.startswith("function-"):
+        if "[" in p or p in _TYPE_LABELS or p.startswith(("function-", "constrained-")):
             after_tagged_union = "tagged-union" in p
             continue
         if after_tagged_union and isinstance(loc[i - 1], int):
@@ -144,7 +159,9 @@ def validation_error(exc: RequestValidationError) -> APIError:
         return bad_request(f"The request body is not valid JSON: {detail}", code="invalid_json")
     param = param_from_loc(tuple(first.get("loc", ())))
     message = str(first.get("msg", "invalid value"))
-    if first.get("type") == "model_attributes_type" and param is None:
+    if first.get("type") == "missing" and param is None:
+        message = "The request body is empty: send a JSON object (Content-Type: application/json)"
+    elif first.get("type") == "model_attributes_type" and param is None:
         message = "The request body must be a JSON object (send Content-Type: application/json)"
     elif param:
         message = f"Invalid value for '{param}': {message}"
@@ -157,6 +174,9 @@ def install_exception_handlers(app: FastAPI) -> None:
 
     async def on_validation(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
+        strict = getattr(exc.__cause__, "api_error", None)  # the strict JSON reader said what is wrong
+        if isinstance(strict, APIError):
+            return strict.response()
         return validation_error(exc).response()
 
     async def on_http(request: Request, exc: Exception) -> JSONResponse:
@@ -168,15 +188,8 @@ def install_exception_handlers(app: FastAPI) -> None:
     async def on_disconnect(request: Request, exc: Exception) -> Response:
         return Response(status_code=499)
 
-    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-        # A bug, never user input (the tests assert this counter stays at zero).
-        logger.exception("unexpected error in %s %s", request.method, request.url.path)
-        request.app.state.ctx.metrics.internal_errors.inc()
-        return from_exception(exc).response()
-
     for exc_type in (APIError, EngineOverloadedError, EngineDeadError, RequestRejectedError, ProcessorError):
         app.add_exception_handler(exc_type, on_api_error)
     app.add_exception_handler(ClientDisconnected, on_disconnect)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
-    app.add_exception_handler(Exception, on_unexpected)

@@ -29,6 +29,12 @@ from plm_serve.server.config import ServerConfig
 _NOT_SETTINGS = {"model", "engine", "media"}
 
 
+# What an optional setting's flag takes for "unset" (`--default-max-tokens none`). argparse's own None means
+# "flag not given", so the word parses to this marker and `given_flags` turns it into None.
+NONE_WORD = "none"
+_EXPLICIT_NONE = object()
+
+
 class SettingsError(ValueError):
     """A preset or flag value that does not fit its setting (the CLI prints it as one line and exits)."""
 
@@ -110,19 +116,40 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+def given_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings given on the command line: {name: value}, `none` given as None."""
+    known = settings()
+    return {
+        k: None if v is _EXPLICIT_NONE else v for k, v in vars(args).items() if k in known and v is not None
+    }
+
+
+def _flag_type(s: Setting) -> Any:
+    """The argparse `type` of a setting's flag: its kind, plus the word `none` where None is allowed."""
+    kind = str if s.choices else s.kind
+    if not s.optional:
+        return kind
+
+    def parse(text: str) -> Any:
+        return _EXPLICIT_NONE if text.lower() == NONE_WORD else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its "invalid int value" message
+    return parse
+
+
 def add_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per setting, in groups. Every default is None: only flags given override the preset."""
     titles = {"engine": "engine", "server": "server", "media": "media limits (per request)"}
     groups = {name: parser.add_argument_group(title) for name, title in titles.items()}
     for s in settings().values():
         default = "unset" if s.default is None else s.default
-        help_text = f"{s.doc} (default: {default})".replace("%", "%%")
+        unset = f"; `{NONE_WORD}` unsets it" if s.optional and s.default is not None else ""
+        help_text = f"{s.doc} (default: {default}{unset})".replace("%", "%%")
         group = groups[s.group]
         if s.kind is bool:
             group.add_argument(s.flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
-            kind = str if s.choices else s.kind
             metavar = None if s.choices else s.kind.__name__.upper()
             group.add_argument(
-                s.flag, type=kind, choices=s.choices, default=None, metavar=metavar, help=help_text
+                s.flag, type=_flag_type(s), choices=s.choices, default=None, metavar=metavar, help=help_text
             )

@@ -34,9 +34,17 @@ class ServerMetrics:
         )
         self.prompt_tokens = Counter("plm_prompt_tokens", "Prompt tokens of admitted requests", registry=r)
         self.generation_tokens = Counter("plm_generation_tokens", "Generated tokens", registry=r)
+        # cause="server": an exception escaped the app (a bug; the answer was a 500). cause="engine": a request
+        # failed inside the engine (its answer was a 500 or an in-band stream error). Every 5xx the server
+        # produces is one of these, or a 503 (engine unavailable) counted by plm_http_requests_total.
         self.internal_errors = Counter(
-            "plm_internal_errors", "Requests that hit an unexpected error", registry=r
+            "plm_internal_errors",
+            "Requests that failed on the server's side, by cause",
+            ["cause"],
+            registry=r,
         )
+        for cause in ("server", "engine"):
+            self.internal_errors.labels(cause)  # exported as 0 from the start
         self.ttft = Histogram(
             "plm_time_to_first_token_seconds",
             "Arrival to first output token",
@@ -86,6 +94,8 @@ class RequestRecorder:
         self.tokens_per_choice[out.index] = out.num_output_tokens
         if out.finish_reason is not None:
             self.metrics.request_success.labels(out.finish_reason.value).inc()
+            if out.finish_reason.value == "error":
+                self.metrics.internal_errors.labels("engine").inc()
 
     def admitted(self, num_prompt_tokens: int) -> None:
         self.metrics.prompt_tokens.inc(num_prompt_tokens)

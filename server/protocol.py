@@ -5,6 +5,11 @@ Request fields follow the order of the OpenAI API reference
 OpenAI lacks (vLLM's names) sit between the `# --- extensions` markers. Unknown fields are accepted and
 logged, never rejected, so that clients sending newer OpenAI fields keep working. Conversions to engine types
 live on the request (`to_sampling_params()`).
+
+Validation is strict and bounded, because the body is untrusted: no coercion (`"max_tokens": "4"` and
+`"n": true` are 400s, not 4 and 1), no NaN or infinities, every integer within the type the engine stores it
+in, every list and string of a bounded length. (Strict JSON itself, lone surrogates included, is checked
+before this, in `strict_json.py`.)
 """
 
 from __future__ import annotations
@@ -32,6 +37,22 @@ from plm_serve.server.protocol_tools import (
 logger = logging.getLogger(__name__)
 
 
+# Bounds of the values the engine stores (int32 counts and ids, int64 seeds) and of what one request may hold.
+MAX_INT32 = 2**31 - 1
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+Count = Annotated[int, Field(ge=1, le=MAX_INT32)]
+TokenId = Annotated[int, Field(ge=0, le=MAX_INT32)]
+ShortStr = Annotated[str, Field(max_length=256)]
+StopStr = Annotated[str, Field(min_length=1, max_length=1024)]
+Stop = StopStr | Annotated[list[StopStr], Field(max_length=32)]
+LogitBias = Annotated[dict[str, float], Field(max_length=1024)]
+StopTokenIds = Annotated[list[TokenId], Field(max_length=1024)]
+CacheSalt = Annotated[str, Field(min_length=1, max_length=256)]
+MAX_MESSAGES = 4096  # each message costs template tokens: more cannot fit any PLM context (11520)
+MAX_PARTS = 4096
+MAX_PROMPT_TOKENS = 1 << 17  # a token-id prompt longer than this cannot fit any context
+
+
 # -------------------------------------------------------------------------------------------- content parts
 class TextPart(OpenAIBaseModel):
     type: Literal["text"]
@@ -42,7 +63,7 @@ class ImageURL(OpenAIBaseModel):
     url: str
     detail: Literal["auto", "low", "high"] = "auto"
     # --- extensions
-    max_num_tiles: Annotated[int, Field(ge=1)] | None = None
+    max_num_tiles: Count | None = None
     # --- end of extensions
 
 
@@ -60,7 +81,7 @@ class ImageURLPart(OpenAIBaseModel):
 class VideoURL(OpenAIBaseModel):
     url: str
     # --- extensions (frame sampling; defaults come from the server's media limits)
-    num_frames: Annotated[int, Field(ge=1)] | None = None
+    num_frames: Count | None = None
     fps: Annotated[float, Field(gt=0)] | None = None
     # --- end of extensions
 
@@ -80,10 +101,10 @@ ContentPart = Annotated[TextPart | ImageURLPart | VideoURLPart, Field(discrimina
 
 class ChatMessage(OpenAIBaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
-    tool_calls: list[ToolCallIn] | None = None  # an assistant turn's calls, sent back in the history
-    tool_call_id: str | None = None  # a tool result: the call it answers
+    content: str | Annotated[list[ContentPart], Field(max_length=MAX_PARTS)] | None = None
+    name: ShortStr | None = None
+    tool_calls: Annotated[list[ToolCallIn], Field(max_length=128)] | None = None  # an assistant turn's calls
+    tool_call_id: ShortStr | None = None  # a tool result: the call it answers
 
 
 class StreamOptions(OpenAIBaseModel):
@@ -112,6 +133,7 @@ class _SamplingMixin:
         ignore_eos: bool | None
         stop_token_ids: list[int] | None
         skip_special_tokens: bool | None
+        cache_salt: str | None
 
     @property
     def num_choices(self) -> int:
@@ -138,6 +160,8 @@ class _SamplingMixin:
             raise bad_request("stop strings must not be empty", param="stop")
         stop_token_ids = list(self.stop_token_ids or [])
         _check_token_ids(stop_token_ids, vocab_size, "stop_token_ids")
+        if self.top_k is not None and self.top_k > vocab_size:
+            raise bad_request(f"top_k must be at most the vocabulary size ({vocab_size})", param="top_k")
         try:
             return SamplingParams(
                 max_tokens=self._max_tokens(),
@@ -167,11 +191,14 @@ class _SamplingMixin:
 
 # Field types shared by both requests (constraints give pydantic's 400 with `param` set).
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
-NumChoices = Annotated[int, Field(ge=1, le=128)]
+NumChoices = Annotated[int, Field(ge=1, le=128)]  # OpenAI's maximum; the server's --max-n applies on top
 Temperature = Annotated[float, Field(ge=0.0, le=2.0)]
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
-PositiveInt = Annotated[int, Field(ge=1)]
-NonNegativeInt = Annotated[int, Field(ge=0)]
+PositiveInt = Count
+NonNegativeInt = Annotated[int, Field(ge=0, le=MAX_INT32)]
+TopK = Annotated[int, Field(ge=-1, le=MAX_INT32)]
+RepetitionPenalty = Annotated[float, Field(ge=0.01, le=100.0)]
+NumLogprobs = Annotated[int, Field(ge=0, le=20)]
 
 
 def _check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
@@ -198,10 +225,10 @@ def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> dict[int, flo
 class ChatCompletionRequest(_SamplingMixin, OpenAIBaseModel):
     """POST /v1/chat/completions, fields in the order of OpenAI's reference."""
 
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    model: str | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=MAX_MESSAGES)]
+    model: ShortStr | None = None
     frequency_penalty: Penalty | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: LogitBias | None = None
     logprobs: bool | None = False
     max_completion_tokens: PositiveInt | None = None
     max_tokens: PositiveInt | None = None
@@ -209,30 +236,31 @@ class ChatCompletionRequest(_SamplingMixin, OpenAIBaseModel):
     parallel_tool_calls: bool | None = None
     presence_penalty: Penalty | None = None
     response_format: ResponseFormat | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    seed: Int64 | None = None
+    stop: Stop | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     temperature: Temperature | None = None
     tool_choice: ToolChoice | None = None
-    tools: list[ChatTool] | None = None
-    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    tools: Annotated[list[ChatTool], Field(max_length=128)] | None = None
+    top_logprobs: NumLogprobs | None = None
     top_p: Probability | None = None
-    user: str | None = None
+    user: Annotated[str, Field(max_length=1024)] | None = None
     # --- extensions (vLLM names)
-    top_k: Annotated[int, Field(ge=-1)] | None = None
+    top_k: TopK | None = None
     min_p: Probability | None = None
-    repetition_penalty: Annotated[float, Field(gt=0.0)] | None = None
+    repetition_penalty: RepetitionPenalty | None = None
     min_tokens: NonNegativeInt | None = None
     ignore_eos: bool | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: StopTokenIds | None = None
     skip_special_tokens: bool | None = None
-    prompt_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    prompt_logprobs: NumLogprobs | None = None
     structured_outputs: StructuredOutputsOptions | None = None
     guided_json: dict[str, Any] | str | None = None
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    cache_salt: CacheSalt | None = None
     # --- end of extensions
 
     def _max_tokens(self) -> int | None:
@@ -253,39 +281,47 @@ class CompletionRequest(_SamplingMixin, OpenAIBaseModel):
     """POST /v1/completions (legacy), fields in the order of OpenAI's reference. `prompt` is a string, a list
     of strings, token ids, or lists of token ids."""
 
-    model: str | None = None
-    prompt: str | list[str] | list[int] | list[list[int]]
-    best_of: PositiveInt | None = None
+    model: ShortStr | None = None
+    prompt: (
+        str
+        | Annotated[list[str], Field(max_length=MAX_PARTS)]
+        | Annotated[list[TokenId], Field(max_length=MAX_PROMPT_TOKENS)]
+        | Annotated[
+            list[Annotated[list[TokenId], Field(max_length=MAX_PROMPT_TOKENS)]], Field(max_length=MAX_PARTS)
+        ]
+    )
+    best_of: NumChoices | None = None
     echo: bool | None = False
     frequency_penalty: Penalty | None = None
-    logit_bias: dict[str, float] | None = None
-    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    logit_bias: LogitBias | None = None
+    logprobs: NumLogprobs | None = None
     max_tokens: NonNegativeInt | None = None  # 0 only with echo: score the prompt, generate nothing
     n: NumChoices | None = None
     presence_penalty: Penalty | None = None
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    seed: Int64 | None = None
+    stop: Stop | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     suffix: str | None = None
     temperature: Temperature | None = None
     top_p: Probability | None = None
-    user: str | None = None
+    user: Annotated[str, Field(max_length=1024)] | None = None
     # --- extensions (vLLM names)
-    top_k: Annotated[int, Field(ge=-1)] | None = None
+    top_k: TopK | None = None
     min_p: Probability | None = None
-    repetition_penalty: Annotated[float, Field(gt=0.0)] | None = None
+    repetition_penalty: RepetitionPenalty | None = None
     min_tokens: NonNegativeInt | None = None
     ignore_eos: bool | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: StopTokenIds | None = None
     skip_special_tokens: bool | None = None
-    prompt_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    prompt_logprobs: NumLogprobs | None = None
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsOptions | None = None
     guided_json: dict[str, Any] | str | None = None
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    cache_salt: CacheSalt | None = None
     # --- end of extensions
 
     def _max_tokens(self) -> int | None:

@@ -55,10 +55,16 @@ def max_prompt_tokens(params: SamplingParams, max_model_len: int) -> int:
 
 
 def engine_request(
-    request_id: str, prompt: ProcessedPrompt, params: SamplingParams, arrival: float
+    request_id: str,
+    prompt: ProcessedPrompt,
+    params: SamplingParams,
+    arrival: float,
+    cache_salt: str | None = None,
 ) -> EngineRequest:
     media = [MMInput(m.content_hash, m.pixels, m.offset, m.length, m.kind) for m in prompt.media]
-    return EngineRequest(request_id, list(prompt.token_ids), params, media, arrival_time=arrival)
+    return EngineRequest(
+        request_id, list(prompt.token_ids), params, media, arrival_time=arrival, cache_salt=cache_salt
+    )
 
 
 async def load_messages(messages: list[ChatMessage], ctx: ServerContext) -> list[dict[str, Any]]:

@@ -35,6 +35,7 @@ from fastapi.responses import JSONResponse, Response
 from plm_serve.engine import EngineClient, EngineRequest, SamplingParams, StepOutput
 from plm_serve.server.deps import ServerContext
 from plm_serve.server.errors import bad_request, from_exception
+from plm_serve.server.limits import check_caps, request_cache_salt, with_output_budget
 from plm_serve.server.metrics import RequestRecorder
 from plm_serve.server.protocol import ChatMessage, ImageURL, ImageURLPart, TextPart
 from plm_serve.server.protocol_tools import FunctionCallIn, JsonSchemaFormat, ResponseFormat, ToolCallIn
@@ -74,10 +75,11 @@ async def create_response(
     arrival = time.monotonic()
     template = _response_template(body, f"resp_{uuid.uuid4().hex}", ctx.model_name)
     recorder = RequestRecorder(ctx.metrics, arrival)
-    usage = UsageCounter()
+    usage = UsageCounter(report_cached=ctx.config.report_cached_tokens)
+    salt = request_cache_salt(None, http.headers.get("authorization"), ctx.config)
 
     async def start() -> AsyncGenerator[StepOutput, None]:
-        request = await build_request(body, plan, ctx, engine, template.id, arrival)
+        request = await build_request(body, plan, ctx, engine, template.id, arrival, cache_salt=salt)
         usage.prompt_tokens = len(request.prompt_token_ids)
         return await open_generation(engine, request, recorder)
 
@@ -110,6 +112,7 @@ async def build_request(
     engine: EngineClient,
     request_id: str,
     arrival: float,
+    cache_salt: str | None = None,
 ) -> EngineRequest:
     assert ctx.processor is not None
     answer = None
@@ -119,15 +122,19 @@ async def build_request(
         answer = from_response_format(ResponseFormat(type=fmt.type, json_schema=schema), "text.format")
     param = "text.format" if answer is not None else "tool_choice"
     greedy = body.top_p == 0.0  # the nucleus shrinks to the best token, as in chat
-    params = SamplingParams(
-        max_tokens=body.max_output_tokens,
-        temperature=0.0 if greedy else body.temperature or 0.0,
-        top_p=1.0 if greedy or body.top_p is None else body.top_p,
-        top_k=max(body.top_k or 0, 0),
-        seed=body.seed,
-        frequency_penalty=body.frequency_penalty or 0.0,
-        presence_penalty=body.presence_penalty or 0.0,
-    )
+    try:
+        params = SamplingParams(
+            max_tokens=body.max_output_tokens,
+            temperature=0.0 if greedy else body.temperature or 0.0,
+            top_p=1.0 if greedy or body.top_p is None else body.top_p,
+            top_k=max(body.top_k or 0, 0),
+            seed=body.seed,
+            frequency_penalty=body.frequency_penalty or 0.0,
+            presence_penalty=body.presence_penalty or 0.0,
+        )
+    except ValueError as exc:  # the messages start with the field's name
+        raise bad_request(str(exc), param=str(exc).split(" ", 1)[0]) from None
+    check_caps(params, ctx.config)
     params = await constrain(params, engine, plan.grammar(answer, param), param)
     limit = max_prompt_tokens(params, engine.max_model_len)
     messages = await load_messages(chat_messages(body), ctx)
@@ -135,7 +142,8 @@ async def build_request(
         ctx.processor.process_chat, messages, tools=plan.prompt_tools, max_prompt_tokens=limit
     )
     prompt = await asyncio.get_running_loop().run_in_executor(ctx.executor, process)
-    return engine_request(request_id, prompt, params, arrival)
+    params = with_output_budget(params, len(prompt.token_ids), engine.max_model_len, ctx.config)
+    return engine_request(request_id, prompt, params, arrival, cache_salt)
 
 
 def chat_messages(body: ResponsesRequest) -> list[ChatMessage]:

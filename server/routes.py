@@ -12,10 +12,11 @@ from plm_serve.server.deps import CtxDep, EngineDep, ProcessorDep, check_model
 from plm_serve.server.errors import APIError
 from plm_serve.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from plm_serve.server.responses_protocol import ResponsesRequest
+from plm_serve.server.strict_json import StrictJSONRoute
 from plm_serve.server.tokenize import DetokenizeRequest, TokenizeRequest
 from plm_serve.server.version import VERSION
 
-router = APIRouter()
+router = APIRouter(route_class=StrictJSONRoute)  # JSON bodies are read strictly (strict_json.py)
 
 
 @router.post("/v1/chat/completions", response_model=None)

@@ -175,8 +175,10 @@ async def _wait_for_disconnect(request: Request) -> None:
 @dataclass
 class UsageCounter:
     """Exact usage: prompt tokens as submitted (media placeholders included), completion tokens summed over
-    choices, cached tokens as the engine reports them."""
+    choices, cached tokens as the engine reports them (only with `report_cached`: on a shared server the
+    count reveals what others sent, see ServerConfig.report_cached_tokens)."""
 
+    report_cached: bool = True
     prompt_tokens: int = 0
     # per prompt index (/v1/completions takes several prompts)
     cached_tokens: dict[int, int] = field(default_factory=dict)
@@ -189,11 +191,14 @@ class UsageCounter:
 
     def usage(self) -> Usage:
         completion = sum(self.output_tokens.values())
+        details = None
+        if self.report_cached:
+            details = PromptTokensDetails(cached_tokens=sum(self.cached_tokens.values()))
         return Usage(
             prompt_tokens=self.prompt_tokens,
             completion_tokens=completion,
             total_tokens=self.prompt_tokens + completion,
-            prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(self.cached_tokens.values())),
+            prompt_tokens_details=details,
         )
 
 

@@ -58,8 +58,10 @@ class Fleet:
         return process
 
     def start_replica(self, name: str, port: int) -> Process:
-        """The demo model (no --model) on the CPU, JSON logs, a 1 s drain so teardown is quick."""
+        """The demo model (no --model) on the CPU, JSON logs, a 1 s drain so teardown is quick; cached-token
+        counts reported (off by default), which the placement test reads."""
         argv = [str(BIN / "plm-serve"), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
+        argv += ["--report-cached-tokens"]
         return self.start(name, [*argv, "--log-format", "json", "--shutdown-grace-seconds", "1"])
 
     def start_router(

@@ -119,6 +119,8 @@ def test_full_queue_is_a_typed_overloaded_error(ckpt_l, prompts):
 
 
 def test_a_dead_loop_fails_every_waiter_and_reports_unhealthy(ckpt_l, prompts):
+    """Steps that fail for everyone (nothing can be blamed on one request) trip the breaker: the loop stops,
+    every waiter gets an error (the failing request's ERROR, then EngineDeadError) and the engine is unhealthy."""
     engine = make_engine(ckpt_l)
     started = threading.Event()
 
@@ -129,13 +131,23 @@ def test_a_dead_loop_fails_every_waiter_and_reports_unhealthy(ckpt_l, prompts):
     engine.core.step = broken_step
 
     async def main():
+        reasons = []
+        for i in range(12):
+            try:
+                _, _, reason = await asyncio.wait_for(
+                    collect(engine, fx.request(prompts[0], f"x{i}", max_tokens=2)), 10
+                )
+                reasons.append(reason)
+            except EngineDeadError as exc:
+                assert "simulated device failure" in str(exc)
+                break
         with pytest.raises(EngineDeadError, match="simulated device failure"):
-            await asyncio.wait_for(collect(engine, fx.request(prompts[0], "x", max_tokens=2)), 10)
-        with pytest.raises(EngineDeadError):
             await collect(engine, fx.request(prompts[0], "y", max_tokens=2))
+        return reasons
 
-    asyncio.run(main())
+    reasons = asyncio.run(main())
     assert started.is_set() and not engine.is_healthy
+    assert reasons and all(r is FinishReason.ERROR for r in reasons)
 
 
 def test_shutdown_finishes_running_requests_within_the_grace_period(ckpt_l, prompts):

@@ -206,3 +206,24 @@ def test_integrity_detects_leaks_and_bad_refcounts() -> None:
     a.block_table = []  # lost without free(): a leak
     with pytest.raises(AssertionError):
         bm.check_integrity([a])
+
+
+def test_a_cache_salt_separates_prefix_caches() -> None:
+    """Same tokens, different salts: no shared blocks (no cross-tenant cache probing); same salt: shared."""
+    bm = BlockManager(num_blocks=20, block_size=BS)
+    tokens = list(range(1, 13))
+    unsalted = make_seq(tokens, seq_id=0)
+    compute(bm, unsalted)
+    tenant_a = make_seq(tokens, seq_id=1)
+    tenant_a.cache_salt = "tenant-a"
+    assert bm.match_prefix(tenant_a) == 0
+    compute(bm, tenant_a)
+    again_a = make_seq(tokens, seq_id=2)
+    again_a.cache_salt = "tenant-a"
+    tenant_b = make_seq(tokens, seq_id=3)
+    tenant_b.cache_salt = "tenant-b"
+    plain = make_seq(tokens, seq_id=4)
+    assert bm.match_prefix(again_a) == 8 and bm.match_prefix(tenant_b) == 0 and bm.match_prefix(plain) == 8
+    # the salt changes only the chain's root: later blocks still chain from their parents
+    assert tenant_a.block_hashes[0] != unsalted.block_hashes[0]
+    assert tenant_a.block_hashes[1] != unsalted.block_hashes[1]

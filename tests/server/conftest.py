@@ -29,8 +29,10 @@ def fake() -> FakeEngine:
     return FakeEngine()
 
 
-def internal_errors(app) -> float:
-    return app.state.ctx.metrics.registry.get_sample_value("plm_internal_errors_total") or 0.0
+def internal_errors(app, cause: str = "server") -> float:
+    """Requests that reached the 500 path (cause "server") or failed in the engine (cause "engine")."""
+    sample = app.state.ctx.metrics.registry.get_sample_value("plm_internal_errors_total", {"cause": cause})
+    return sample or 0.0
 
 
 @pytest.fixture
@@ -42,6 +44,7 @@ def make_client(ckpt_l, processor, fake) -> Iterator[Callable[..., TestClient]]:
         config = ServerConfig(model=str(ckpt_l), served_model_name=MODEL_NAME, **overrides)
         app = create_app(config, engine or fake, processor=proc or processor)
         client = TestClient(app, raise_server_exceptions=False)
+        client.expected_internal_errors = 0  # type: ignore[attr-defined]  # a test that provokes a 500 says so
         client.__enter__()
         clients.append(client)
         return client
@@ -49,7 +52,8 @@ def make_client(ckpt_l, processor, fake) -> Iterator[Callable[..., TestClient]]:
     yield make
     for client in clients:
         client.__exit__(None, None, None)
-        assert internal_errors(client.app) == 0, "a request reached the unexpected-error handler (500)"
+        expected = client.expected_internal_errors  # type: ignore[attr-defined]
+        assert internal_errors(client.app) == expected, "a request reached the unexpected-error handler (500)"
 
 
 @pytest.fixture

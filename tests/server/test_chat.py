@@ -43,11 +43,12 @@ def test_non_streaming_chat_has_openai_shape_and_exact_usage(client, fake, proce
         "prompt_tokens": len(prompt.token_ids),
         "completion_tokens": len(WORDS),
         "total_tokens": len(prompt.token_ids) + len(WORDS),
-        "prompt_tokens_details": {"cached_tokens": 0},
+        "prompt_tokens_details": None,  # cached_tokens are hidden unless --report-cached-tokens
     }
     (request,) = fake.submitted
     assert request.prompt_token_ids == prompt.token_ids and request.mm_inputs == []
-    assert request.sampling.temperature == 0.0 and request.sampling.max_tokens is None  # greedy, unbounded
+    assert request.sampling.temperature == 0.0  # greedy
+    assert request.sampling.max_tokens == 2048  # no max_tokens: the server's default output budget
     assert request.arrival_time > 0
 
 
@@ -165,11 +166,13 @@ def test_video_data_url_samples_the_requested_frames(client, fake):
 
 def test_max_tokens_gives_finish_reason_length_and_cached_tokens_are_reported(make_client, fake):
     fake.num_cached_tokens = 32
-    client = make_client()
+    client = make_client(report_cached_tokens=True)
     body = client.post("/v1/chat/completions", json=chat_body("Hi", max_completion_tokens=2)).json()
     assert body["choices"][0]["finish_reason"] == "length"
     assert body["choices"][0]["message"]["content"] == "The quick"
     assert body["usage"]["prompt_tokens_details"] == {"cached_tokens": 32}
+    hidden = make_client().post("/v1/chat/completions", json=chat_body("Hi", max_tokens=2)).json()
+    assert hidden["usage"]["prompt_tokens_details"] is None  # the default: no cross-client cache oracle
 
 
 def test_system_and_assistant_turns_reach_the_template(client, fake, processor):

@@ -191,7 +191,9 @@ async def _drain_scenario(app, grace_s: float) -> tuple[str, int, int]:
         running = asyncio.ensure_future(
             client.post("/v1/chat/completions", json=chat_body("Hi", stream=True, max_tokens=10))
         )
-        await asyncio.sleep(0.1)  # the stream is under way
+        engine = app.state.ctx.engine
+        while not engine.running:  # until the stream is under way in the engine
+            await asyncio.sleep(0.01)
         draining = asyncio.ensure_future(drain(app, grace_s))
         await asyncio.sleep(0.02)
         health = (await client.get("/health")).status_code
@@ -215,3 +217,25 @@ def test_drain_finishes_running_requests_within_the_grace_period(ckpt_l, process
     else:
         assert "aborted by the server" in text  # cut at the deadline, but the stream still ends properly
     assert engine.shutdown_calls == [grace_s] and engine.running == set()
+
+
+def test_hardening_flags_reach_the_server_config(model_dir):
+    cfg = configs(
+        ["--model", str(model_dir), "--max-n", "4", "--default-max-tokens", "none", "--max-tokens-limit", "100",
+         "--max-logprobs", "5", "--report-cached-tokens", "--no-prefix-cache-per-api-key",
+         "--control-tokens-in-messages", "--max-text-request-body-bytes", "2048", "--request-read-timeout-s", "3",
+         "--header-read-timeout-s", "2", "--keep-alive-timeout-s", "1.5", "--max-prompts-per-request", "3"]
+    )  # fmt: skip
+    assert (cfg.max_n, cfg.default_max_tokens, cfg.max_tokens_limit, cfg.max_logprobs) == (4, None, 100, 5)
+    assert cfg.report_cached_tokens and not cfg.prefix_cache_per_api_key and cfg.control_tokens_in_messages
+    assert (cfg.max_text_request_body_bytes, cfg.request_read_timeout_s, cfg.header_read_timeout_s) == (
+        2048,
+        3,
+        2,
+    )
+    assert (cfg.keep_alive_timeout_s, cfg.max_prompts_per_request) == (1.5, 3)
+    defaults = configs(["--model", str(model_dir)])
+    assert (defaults.max_n, defaults.default_max_tokens, defaults.report_cached_tokens) == (16, 2048, False)
+    assert defaults.prefix_cache_per_api_key and not defaults.control_tokens_in_messages
+    with pytest.raises(SystemExit, match="max_n"):
+        configs(["--model", str(model_dir), "--max-n", "500"])

@@ -226,7 +226,10 @@ def test_unexpected_exception_is_a_500_envelope(make_client, processor):
     from tests.server.conftest import internal_errors
 
     assert internal_errors(client.app) == 1
-    client.app.state.ctx.metrics.internal_errors._value.set(0)  # expected here; the fixture checks the rest
+    assert err and client.post("/v1/chat/completions", json=chat_body("Hi")).headers["connection"] == "close"
+    client.app.state.ctx.metrics.internal_errors.labels("server")._value.set(
+        0
+    )  # expected; the fixture checks the rest
 
 
 def test_every_response_carries_a_request_id(client):

@@ -57,6 +57,7 @@ def live(ckpt_l):
         served_model_name=MODEL,
         allow_private_media_urls=True,  # the test's media server is on loopback
         max_request_body_bytes=2 * 1024 * 1024,
+        report_cached_tokens=True,
     )
     app = create_app(config, engine)  # the lifespan loads the processor from the checkpoint
     sock = socket.socket()
@@ -283,7 +284,9 @@ def test_errors_through_the_live_server_then_it_still_answers(live):
     assert ok.choices[0].message.content is not None
     metrics = httpx.get(f"{live.base_url}/metrics").text
     assert 'plm_http_requests_total{route="/v1/chat/completions",status="400"}' in metrics
-    assert "plm_num_kv_blocks 1024.0" in metrics and "plm_internal_errors_total 0.0" in metrics
+    assert "plm_num_kv_blocks 1024.0" in metrics
+    assert 'plm_internal_errors_total{cause="server"} 0.0' in metrics
+    assert 'plm_internal_errors_total{cause="engine"} 0.0' in metrics
 
 
 def test_cli_serves_the_demo_model_and_drains_on_sigterm(tmp_path):
@@ -324,8 +327,7 @@ def test_cli_serves_the_demo_model_and_drains_on_sigterm(tmp_path):
                     events.append(line[6:])
                 if len(events) == 3:
                     proc.send_signal(signal.SIGTERM)
-        # uvicorn re-raises the captured signal after its graceful shutdown, so "killed by SIGTERM" is a clean exit
-        assert proc.wait(timeout=30) in (0, -signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0  # a drain, even one that had to abort, is a clean exit
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -82,7 +82,7 @@ def test_an_unexpected_error_is_logged_with_the_request_id_and_traceback(make_cl
     client = make_client(proc=Broken())
     resp = client.post("/v1/chat/completions", json=chat_body("Hi"), headers={"X-Request-Id": "trace-42"})
     assert resp.status_code == 500
-    client.app.state.ctx.metrics.internal_errors._value.set(0)  # expected here; the fixture checks the rest
+    client.expected_internal_errors = 1  # this one; the fixture checks there is no other
     (entry,) = [e for e in parsed(json_lines) if e["level"] == "ERROR"]
     assert entry["request_id"] == "trace-42"
     assert "RuntimeError: bug in processing" in entry["exception"]

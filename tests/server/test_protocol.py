@@ -116,9 +116,9 @@ def test_top_p_zero_means_greedy():
         ({"logit_bias": {"abc": 1}}, "logit_bias"),
         ({"logit_bias": {"5": 101}}, "logit_bias"),
         ({"logit_bias": {str(VOCAB): 1}}, "logit_bias"),
-        ({"stop_token_ids": [-1]}, "stop_token_ids"),
+        ({"stop_token_ids": [VOCAB]}, "stop_token_ids"),
+        ({"top_k": VOCAB + 1}, "top_k"),
         ({"top_logprobs": 3}, "top_logprobs"),  # without logprobs=true
-        ({"stop": ["ok", ""]}, "stop"),
         ({"max_tokens": 2, "min_tokens": 5}, "min_tokens"),
     ],
 )
@@ -126,6 +126,25 @@ def test_invalid_combinations_raise_400_with_param(fields, param):
     with pytest.raises(APIError) as info:
         chat(**fields).to_sampling_params(VOCAB)
     assert info.value.status_code == 400 and info.value.param == param
+
+
+@pytest.mark.parametrize(
+    ("fields", "loc"),
+    [
+        ({"stop": ["ok", ""]}, ("stop", "list[constrained-str]", 1)),
+        ({"stop": "x" * 1025}, ("stop", "constrained-str")),
+        ({"max_tokens": "4"}, ("max_tokens",)),  # no lax coercion
+        ({"n": True}, ("n",)),
+        ({"temperature": float("inf")}, ("temperature",)),
+        ({"seed": 2**63}, ("seed",)),
+        ({"top_k": 2**31}, ("top_k",)),
+        ({"stop_token_ids": [-1]}, ("stop_token_ids", 0)),
+    ],
+)
+def test_strict_bounded_fields_are_validation_errors(fields, loc):
+    with pytest.raises(ValidationError) as info:
+        chat(**fields)
+    assert any(e["loc"][: len(loc)] == loc for e in info.value.errors()), info.value.errors()
 
 
 def test_unknown_fields_are_accepted_and_logged(caplog):
