@@ -1,13 +1,23 @@
-"""EngineCore: schedule -> execute -> update, one step at a time, with no threads and no asyncio.
+"""EngineCore: schedule -> launch -> (wait) -> update, one step at a time, with no threads and no asyncio.
 
 The async engine drives it from its loop thread; the offline `LLM` drives it directly. Stop strings are found by the
 per-choice incremental detokenizer here, and end the sequence through `scheduler.finish`.
+
+Overlapped scheduling (`overlap_scheduling`, on by default with CUDA): `step()` schedules and launches step N+1
+*before* waiting for step N, so the host's scheduling, input staging and kernel launches for N+1 run while the
+device computes N; then N's tokens are applied and emitted. The scheduler plans N+1 with a placeholder for each
+token N is sampling, and the runner reads those tokens on the device, so the outputs are token for token those of
+the synchronous loop, only one step later. Work scheduled for a sequence that N finishes (EOS, a stop string, an
+abort) is wasted and its result dropped. No KV block is overwritten while a step that reads it is in flight: the
+device runs the steps' kernels in launch order on one stream, so a block freed (and reallocated) by the host
+between launching N and N+1 is written by N+1 only after N has finished with it.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,9 +26,11 @@ from tokenizers import Tokenizer
 
 from plm_serve.engine.config import EngineConfig
 from plm_serve.engine.detokenizer import IncrementalDetokenizer
-from plm_serve.engine.model_runner import ModelRunner, RunnerOutput, to_token_logprob
+from plm_serve.engine.model_runner import ModelRunner, to_token_logprob
 from plm_serve.engine.request import EngineRequest, FinishReason, StepOutput
-from plm_serve.engine.scheduler import Scheduler, SchedulerOutput
+from plm_serve.engine.runner_output import PendingStep, RunnerOutput
+from plm_serve.engine.scheduler import Scheduler
+from plm_serve.engine.scheduler_output import SchedulerOutput
 from plm_serve.engine.sequence import Sequence
 from plm_serve.models import PLMConfig, load_model
 
@@ -73,11 +85,17 @@ class EngineCore:
             on_gpu = runner.device.type == "cuda"
             num_blocks = runner.profile_num_blocks() if on_gpu else CPU_DEFAULT_KV_BLOCKS
         runner.allocate_kv_cache(num_blocks)
+        runner.capture_graphs()
         self.scheduler = Scheduler(
             config.replace(max_model_len=self.max_model_len), num_blocks, set(self.eos_token_ids)
         )
+        self.scheduler.encode_ahead = runner.encodes_async
+        self.scheduler.media_ready = runner.media_ready
         self.detokenizers: dict[int, IncrementalDetokenizer] = {}
         self.stats = EngineStats(num_kv_blocks=num_blocks)
+        overlap = config.overlap_scheduling
+        self.overlap = runner.device.type == "cuda" if overlap is None else overlap
+        self._in_flight: deque[tuple[SchedulerOutput, PendingStep]] = deque()  # launched, not yet applied
 
     @classmethod
     def load(cls, config: EngineConfig) -> EngineCore:
@@ -106,22 +124,33 @@ class EngineCore:
         return outs
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self._in_flight)
 
     # ------------------------------------------------------------------------------------------- step
     def step(self) -> list[StepOutput]:
+        """Schedule and launch the next step; apply the oldest step in flight (synchronous loop: this one;
+        overlapped: the previous one, once this one is launched). Returns the outputs applied."""
         t0 = time.perf_counter()
         sched = self.scheduler.schedule()
-        if not sched.chunks and not sched.encoder_inputs:
-            return []
+        launched = sched.has_work
         try:
-            result = self.runner.execute(sched)
-        except Exception as exc:  # a failing batch must not take the loop down
-            logger.exception("engine step failed; failing the requests of this step")
-            return self._fail_step(sched, exc)
-        self.scheduler.update(sched, result.sampled)
-        outputs = [self._emit(c.seq, result) for c in sched.chunks if c.seq.seq_id in result.sampled]
-        self._update_stats(sched, result.num_encoded_tiles, time.perf_counter() - t0)
+            if launched:
+                self._in_flight.append((sched, self.runner.launch(sched)))
+            depth = 1 if self.overlap else 0
+            if not self._in_flight or (launched and len(self._in_flight) <= depth):
+                return []
+            done, pending = self._in_flight[0]
+            result = pending.wait()
+            self._in_flight.popleft()
+        except Exception as exc:  # a failing step must not take the loop down
+            logger.exception("engine step failed; failing the requests of the steps in flight")
+            failed = [s for s, _ in self._in_flight]
+            if launched and not any(s is sched for s in failed):  # its launch raised
+                failed.append(sched)
+            self._in_flight.clear()
+            return self._fail_step(failed, exc)
+        outputs = [self._emit(seq, result) for seq in self.scheduler.update(done, result.sampled)]
+        self._update_stats(done, result.num_encoded_tiles, time.perf_counter() - t0)
         return outputs
 
     def _emit(self, seq: Sequence, result: RunnerOutput) -> StepOutput:
@@ -164,9 +193,10 @@ class EngineCore:
             num_output_tokens=seq.num_output_tokens,
         )
 
-    def _fail_step(self, sched: SchedulerOutput, exc: Exception) -> list[StepOutput]:
+    def _fail_step(self, steps: list[SchedulerOutput], exc: Exception) -> list[StepOutput]:
         outputs = []
-        for request_id in dict.fromkeys(c.seq.request_id for c in sched.chunks):
+        seqs = (self.scheduler.sequence(c.seq_id) for sched in steps for c in sched.chunks)
+        for request_id in dict.fromkeys(seq.request_id for seq in seqs if seq is not None):
             for out in self.abort_request(request_id):
                 out.finish_reason = FinishReason.ERROR
                 out.error = f"{type(exc).__name__}: {exc}"
