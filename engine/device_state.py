@@ -66,30 +66,32 @@ class DeviceBatchState:
         self.block_table = torch.zeros((max_num_seqs, self.max_blocks), dtype=torch.int32, device=device)
         self.sampling = SamplingTable(max_num_seqs, vocab_size, device, eos_token_ids)
         self.staging = HostStaging(device)
-        self._num_blocks = [0] * max_num_seqs  # host mirror: length of each slot's block table
-        self._num_prompt = [0] * max_num_seqs
+        self._num_blocks = np.zeros(max_num_seqs, dtype=np.int64)  # host mirror: each slot's table length
+        self._num_prompt = np.zeros(max_num_seqs, dtype=np.int64)
 
     def prepare(self, out: SchedulerOutput) -> StepBatch:
         """Apply the step's diffs and build its inputs (no host sync; `out.chunks` must not be empty)."""
         st = self.staging.begin()
         table_writes = self._stage_new_sequences(out, st)
         chunks = out.chunks
-        slots = np.fromiter((c.slot for c in chunks), dtype=np.int64, count=len(chunks))
-        starts = np.fromiter((c.start for c in chunks), dtype=np.int64, count=len(chunks))
-        lens = np.fromiter((c.num_tokens for c in chunks), dtype=np.int64, count=len(chunks))
-        query_start = np.zeros(len(chunks) + 1, dtype=np.int64)
+        n = len(chunks)
+        slots = np.fromiter((c.slot for c in chunks), dtype=np.int64, count=n)
+        starts = np.fromiter((c.start for c in chunks), dtype=np.int64, count=n)
+        lens = np.fromiter((c.num_tokens for c in chunks), dtype=np.int64, count=n)
+        sampling = np.fromiter((c.sample for c in chunks), dtype=bool, count=n)
+        query_start = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(lens, out=query_start[1:])
         context = starts + lens
-        decode_only = bool((lens == 1).all()) and all(c.sample for c in chunks)
+        decode_only = bool((lens == 1).all() and sampling.all())
         h_chunks = st.add(np.concatenate([slots, starts, lens, context, query_start]))
 
-        sample_idx = [i for i, c in enumerate(chunks) if c.sample]
+        sample_idx = np.flatnonzero(sampling)
         pending = None
-        if sample_idx:
+        if sample_idx.size:
             s_slots = slots[sample_idx]
             write_pos = context[sample_idx]
-            counters = write_pos - np.asarray([self._num_prompt[s] for s in s_slots], dtype=np.int64)
-            pending = self.sampling.stage(st, s_slots.tolist(), write_pos.tolist(), counters.tolist())
+            counters = write_pos - self._num_prompt[s_slots]
+            pending = self.sampling.stage(st, s_slots, write_pos, counters)
         h_sample_rows = st.add(query_start[1:][sample_idx] - 1)
 
         media: list[MediaSlice] = []
@@ -119,7 +121,7 @@ class DeviceBatchState:
             row_slots = c_slots[row_chunk]
         bs = self.block_size
         blocks = self.block_table[row_slots, positions // bs].long()
-        width = max(self._num_blocks[c.slot] for c in chunks)
+        width = int(self._num_blocks[slots].max())
         metadata = AttentionMetadata(
             slot_mapping=blocks * bs + positions % bs,
             block_tables=self.block_table[c_slots, :width],
@@ -135,7 +137,7 @@ class DeviceBatchState:
             metadata=metadata,
             slots=c_slots,
             sample_rows=st.get(h_sample_rows),
-            sample_seq_ids=[chunks[i].seq_id for i in sample_idx],
+            sample_seq_ids=[chunks[i].seq_id for i in sample_idx.tolist()],
             sampling=pending.finish() if pending is not None else None,
             media_rows=st.get(h_media) if h_media is not None else None,
             media=media,
@@ -159,7 +161,7 @@ class DeviceBatchState:
             self.sampling.admit(new)
         for c in out.chunks:
             if c.new_block_ids:
-                n0, k = self._num_blocks[c.slot], len(c.new_block_ids)
+                n0, k = int(self._num_blocks[c.slot]), len(c.new_block_ids)
                 blk_index.append(c.slot * mb + np.arange(n0, n0 + k, dtype=np.int64))
                 blk_values.append(np.asarray(c.new_block_ids, dtype=np.int64))
                 self._num_blocks[c.slot] = n0 + k

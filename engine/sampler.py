@@ -59,23 +59,6 @@ _TOP_P_BISECTIONS = 32  # float32 bit patterns of probabilities in [0, 1] span <
 
 
 @dataclass(slots=True)
-class _SlotHost:
-    """Host mirror of one slot's settings: what per-step decisions need without reading the device."""
-
-    greedy: bool
-    top_k: int  # 0: off (also for greedy rows)
-    top_p: bool  # top_p < 1
-    min_p: bool
-    repetition: bool
-    frequency: bool  # frequency or presence penalty
-    logprobs: int | None
-    min_tokens: int
-    bias_ids: np.ndarray  # int64, ids within the vocabulary
-    bias_values: np.ndarray  # float32
-    stop_ids: np.ndarray  # int64: masked while fewer than min_tokens outputs exist
-
-
-@dataclass(slots=True)
 class SamplingRows:
     """The S rows sampled in one step: device tensors, plus host flags that decide which work runs."""
 
@@ -115,7 +98,11 @@ class SamplerOutput:
 
 
 class SamplingTable:
-    """Per-slot sampling parameters and penalty state on the device; see the module docstring."""
+    """Per-slot sampling parameters and penalty state on the device; see the module docstring.
+
+    The host mirror (numpy arrays indexed by slot) holds what per-step decisions need without reading the
+    device: which rows are greedy, use top_k / top_p / min_p / penalties / logprobs, and the sparse settings.
+    """
 
     def __init__(
         self, num_slots: int, vocab_size: int, device: torch.device, eos_token_ids: Iterable[int] = ()
@@ -128,7 +115,15 @@ class SamplingTable:
         self.keys = torch.zeros(num_slots, dtype=torch.int64, device=device)
         self.seen: torch.Tensor | None = None  # [slots, V] bool, allocated when a sequence needs it
         self.counts: torch.Tensor | None = None  # [slots, V] int32
-        self._host: list[_SlotHost | None] = [None] * num_slots
+        flags = lambda: np.zeros(num_slots, dtype=bool)
+        self._greedy, self._top_p, self._min_p, self._repetition, self._frequency = (
+            flags() for _ in range(5)
+        )
+        self._top_k = np.zeros(num_slots, dtype=np.int64)  # 0: off (also for greedy rows)
+        self._logprobs = np.full(num_slots, -1, dtype=np.int64)  # -1: off
+        self._min_tokens = np.zeros(num_slots, dtype=np.int64)
+        self._bias: list[tuple[np.ndarray, np.ndarray] | None] = [None] * num_slots  # (ids, values)
+        self._stops: list[np.ndarray] = [np.zeros(0, dtype=np.int64)] * num_slots  # masked under min_tokens
         self._admitted: list[tuple[NewSequence, np.ndarray, int]] = []  # queued for the next step
         self._rng = torch.Generator().manual_seed(torch.initial_seed() % 2**63)  # unseeded rows' keys
 
@@ -142,24 +137,27 @@ class SamplingTable:
     # --------------------------------------------------------------------------------------------- host
     def admit(self, new: NewSequence) -> None:
         """Remember the settings of the sequence now in `new.slot`; its device rows go with the next step."""
-        p, v = new.sampling, self.vocab_size
+        p, v, slot = new.sampling, self.vocab_size, new.slot
         greedy = p.greedy
+        self._greedy[slot] = greedy
+        self._top_k[slot] = 0 if greedy or p.top_k <= 0 else min(p.top_k, v)
+        self._top_p[slot] = not greedy and p.top_p < 1.0
+        self._min_p[slot] = not greedy and p.min_p > 0.0
+        self._repetition[slot] = p.repetition_penalty != 1.0
+        self._frequency[slot] = p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+        self._logprobs[slot] = -1 if p.logprobs is None else p.logprobs
+        self._min_tokens[slot] = p.min_tokens
         bias = [(t, b) for t, b in p.logit_bias.items() if 0 <= t < v]  # out-of-range ids would crash kernels
-        stops = set(p.stop_token_ids) if p.ignore_eos else self.eos.union(p.stop_token_ids)
-        host = _SlotHost(
-            greedy=greedy,
-            top_k=0 if greedy or p.top_k <= 0 else min(p.top_k, v),
-            top_p=not greedy and p.top_p < 1.0,
-            min_p=not greedy and p.min_p > 0.0,
-            repetition=p.repetition_penalty != 1.0,
-            frequency=p.frequency_penalty != 0.0 or p.presence_penalty != 0.0,
-            logprobs=p.logprobs,
-            min_tokens=p.min_tokens,
-            bias_ids=np.asarray([t for t, _ in bias], dtype=np.int64),
-            bias_values=np.asarray([b for _, b in bias], dtype=np.float32),
-            stop_ids=np.asarray(sorted(t for t in stops if 0 <= t < v), dtype=np.int64),
+        self._bias[slot] = (
+            (
+                np.asarray([t for t, _ in bias], dtype=np.int64),
+                np.asarray([b for _, b in bias], dtype=np.float32),
+            )
+            if bias
+            else None
         )
-        self._host[new.slot] = host
+        stops = set(p.stop_token_ids) if p.ignore_eos else self.eos.union(p.stop_token_ids)
+        self._stops[slot] = np.asarray(sorted(t for t in stops if 0 <= t < v), dtype=np.int64)
         row = np.zeros(_NUM_FLOAT, dtype=np.float32)
         row[[_TEMPERATURE, _TOP_P, _MIN_P]] = (1.0 if greedy else p.temperature, p.top_p, p.min_p)
         row[[_REPETITION, _FREQUENCY, _PRESENCE]] = (
@@ -176,56 +174,60 @@ class SamplingTable:
         return int.from_bytes(digest, "little") >> 2
 
     def stage(
-        self, step: StagedStep, slots: list[int], write_pos: list[int], counters: list[int]
+        self, step: StagedStep, slots: np.ndarray, write_pos: np.ndarray, counters: np.ndarray
     ) -> _Pending:
-        """Queue this step's sampling inputs: admissions, then the rows `slots` (one per sampled sequence)."""
+        """Queue this step's sampling inputs: admissions, then the rows of `slots` (one per sampled sequence);
+        all three are int64 arrays of the same length."""
         admitted, self._admitted = self._admitted, []
         pending = _Pending(self, step, admitted, len(slots))
         if admitted:
-            pending.adm_slots = step.add(np.asarray([a.slot for a, _, _ in admitted], dtype=np.int64))
+            adm = np.asarray([a.slot for a, _, _ in admitted], dtype=np.int64)
+            pending.adm_slots = step.add(adm)
             pending.adm_rows = step.add(np.concatenate([r for _, r, _ in admitted]))
-            ints = [[k, self._host[a.slot].top_k, self._host[a.slot].greedy] for a, _, k in admitted]
-            pending.adm_ints = step.add(np.asarray(ints, dtype=np.int64).ravel())
-            penal = [a for a, _, _ in admitted if self._needs_penalties(a.slot)]
+            keys = np.asarray([k for _, _, k in admitted], dtype=np.int64)
+            pending.adm_ints = step.add(np.stack([keys, self._top_k[adm], self._greedy[adm]], axis=1).ravel())
+            penal = [a for a, _, _ in admitted if self._repetition[a.slot] or self._frequency[a.slot]]
             if penal:
                 self.ensure_penalty_buffers()
                 pending.penal = [(a, step.add(np.asarray(a.token_ids, dtype=np.int64))) for a in penal]
-        hosts = [self._host[s] for s in slots]
-        pending.slots = step.add(np.asarray(slots, dtype=np.int64))
-        pending.write_pos = step.add(np.asarray(write_pos, dtype=np.int64))
-        pending.counters = step.add(np.asarray(counters, dtype=np.int64))
-        pending.logprobs = [h.logprobs for h in hosts]
-        random_rows = [i for i, h in enumerate(hosts) if not h.greedy]
-        if random_rows:
-            topk = [i for i in random_rows if hosts[i].top_k > 0]
-            full = [i for i in random_rows if hosts[i].top_k == 0]
-            pending.max_top_k = max((hosts[i].top_k for i in topk), default=0)
-            pending.topk_rows = step.add(np.asarray(topk, dtype=np.int64)) if topk else None
-            pending.full_rows = step.add(np.asarray(full, dtype=np.int64)) if full else None
-            pending.use_top_p = any(h.top_p for h in hosts)
-            pending.use_min_p = any(h.min_p for h in hosts)
-        pending.use_repetition = any(h.repetition for h in hosts)
-        pending.use_frequency = any(h.frequency for h in hosts)
-        self._stage_sparse(step, pending, hosts, counters)
+        pending.slots = step.add(slots)
+        pending.write_pos = step.add(write_pos)
+        pending.counters = step.add(counters)
+        logprobs = self._logprobs[slots]
+        if (logprobs >= 0).any():
+            pending.logprobs = [None if k < 0 else k for k in logprobs.tolist()]
+        else:
+            pending.logprobs = [None] * len(slots)
+        greedy = self._greedy[slots]
+        if not greedy.all():
+            top_k = self._top_k[slots]
+            topk = np.flatnonzero(~greedy & (top_k > 0))
+            full = np.flatnonzero(~greedy & (top_k == 0))
+            pending.max_top_k = int(top_k.max())
+            pending.topk_rows = step.add(topk) if topk.size else None
+            pending.full_rows = step.add(full) if full.size else None
+            pending.use_top_p = bool(self._top_p[slots].any())
+            pending.use_min_p = bool(self._min_p[slots].any())
+        pending.use_repetition = bool(self._repetition[slots].any())
+        pending.use_frequency = bool(self._frequency[slots].any())
+        self._stage_sparse(step, pending, slots, counters)
         return pending
 
-    def _needs_penalties(self, slot: int) -> bool:
-        h = self._host[slot]
-        return h is not None and (h.repetition or h.frequency)
-
     def _stage_sparse(
-        self, step: StagedStep, pending: _Pending, hosts: list[_SlotHost], counters: list[int]
+        self, step: StagedStep, pending: _Pending, slots: np.ndarray, counters: np.ndarray
     ) -> None:
-        bias = [(i, h) for i, h in enumerate(hosts) if h.bias_ids.size]
+        """logit_bias of the rows that have one; the stop ids of rows still under min_tokens."""
+        bias = [(i, self._bias[s]) for i, s in enumerate(slots.tolist()) if self._bias[s] is not None]
         if bias:
-            rows = np.concatenate([np.full(h.bias_ids.size, i, dtype=np.int64) for i, h in bias])
-            ids = np.concatenate([h.bias_ids for _, h in bias])
-            values = np.concatenate([h.bias_values for _, h in bias])
+            rows = np.concatenate([np.full(ids.size, i, dtype=np.int64) for i, (ids, _) in bias])
+            ids = np.concatenate([ids for _, (ids, _) in bias])
+            values = np.concatenate([values for _, (_, values) in bias])
             pending.bias = (step.add(rows), step.add(ids), step.add(values))
-        bans = [(i, h) for i, h in enumerate(hosts) if counters[i] < h.min_tokens and h.stop_ids.size]
+        under = np.flatnonzero(counters < self._min_tokens[slots])
+        bans = [(i, self._stops[slots[i]]) for i in under.tolist() if self._stops[slots[i]].size]
         if bans:
-            rows = np.concatenate([np.full(h.stop_ids.size, i, dtype=np.int64) for i, h in bans])
-            pending.banned = (step.add(rows), step.add(np.concatenate([h.stop_ids for _, h in bans])))
+            rows = np.concatenate([np.full(ids.size, i, dtype=np.int64) for i, ids in bans])
+            pending.banned = (step.add(rows), step.add(np.concatenate([ids for _, ids in bans])))
 
     # ------------------------------------------------------------------------------------------- device
     def record(self, rows: SamplingRows, tokens: torch.Tensor) -> None:

@@ -205,7 +205,7 @@ class Scheduler:
         while i < len(running):
             seq = running[i]
             remaining = seq.num_tokens - seq.num_computed_tokens
-            if self._ends_in_flight(seq):
+            if seq.num_placeholders and self._ends_in_flight(seq):
                 num_new = 0
             elif remaining == 1:  # a decode
                 num_new = 1 if step.tokens_left > 0 else 0
@@ -297,14 +297,11 @@ class Scheduler:
             self._take_media(seq, plan, step)
         start = seq.num_computed_tokens
         sample = start + num_new == seq.num_tokens
-        if not (num_new == 1 and sample):
+        if num_new != 1 or not sample:
             step.prefill_left -= num_new
         step.tokens_left -= num_new
-        step.chunks.append(
-            ScheduledChunk(
-                seq.seq_id, seq.slot, start, num_new, sample, new_blocks, _media_slices(seq, start, num_new)
-            )
-        )
+        media = _media_slices(seq, start, num_new) if seq.mm_inputs else []
+        step.chunks.append(ScheduledChunk(seq.seq_id, seq.slot, start, num_new, sample, new_blocks, media))
         seq.num_computed_tokens = start + num_new
         if sample:
             seq.num_placeholders += 1

@@ -47,6 +47,24 @@ ENGINE_FLAGS: list[tuple[str, dict[str, Any]]] = [
     ),
     ("--encoder-cache-tokens", {"type": int, "help": "vision-encoder output cache, in embedding rows"}),
     ("--max-encoder-tiles-per-step", {"type": int, "help": "vision-encoder budget per step, in tiles"}),
+    (
+        "--max-prefill-tokens-per-decode-step",
+        {
+            "type": int,
+            "help": "prefill tokens in a step that also decodes (lower: smoother streams, slower TTFT)",
+        },
+    ),
+    (
+        "--enable-cuda-graphs",
+        {"action": argparse.BooleanOptionalAction, "help": "replay decode steps as CUDA graphs (CUDA only)"},
+    ),
+    (
+        "--overlap-scheduling",
+        {
+            "action": argparse.BooleanOptionalAction,
+            "help": "prepare step N+1 while step N runs (default: on CUDA)",
+        },
+    ),
     ("--max-waiting-requests", {"type": int, "help": "queue bound; beyond it requests get 429"}),
     ("--seed", {"type": int, "help": "seed of the engine's global RNG"}),
 ]

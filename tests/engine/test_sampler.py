@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import pytest
 import torch
 
@@ -55,7 +56,8 @@ def rows_of(seqs: list[Seq], device=CPU, extra_outputs: list[int] | None = None)
 
 def stage(table: SamplingTable, slots: list[int], counters: list[int], device=CPU):
     step = HostStaging(device).begin()
-    pending = table.stage(step, slots, [0] * len(slots), counters)
+    as_array = lambda values: np.asarray(values, dtype=np.int64)
+    pending = table.stage(step, as_array(slots), as_array([0] * len(slots)), as_array(counters))
     step.upload()
     return pending.finish()
 
