@@ -73,6 +73,8 @@ class ModelRunner:
             graph_factory = CudaGraph
         self.graph_factory = graph_factory if config.enable_cuda_graphs else None
         self.graphs: DecodeGraphs | None = None
+        self.graph_reserve = 0  # bytes profiling set aside for the decode graphs' memory pool
+        self.graph_memory = 0  # bytes the captured graphs actually took (CUDA)
         self.tile_buckets = tile_buckets(config.max_encoder_tiles_per_step)
         self.media_embeds: dict[str, torch.Tensor] = {}  # content hash -> [length, hidden] embedding rows
         self._media_events: dict[str, torch.cuda.Event] = {}  # content hash -> "its encoding is done"
@@ -132,6 +134,7 @@ class ModelRunner:
             self._dense_logits(max_bs, max_bs)
             torch.cuda.synchronize(self.device)
             graph_reserve = int(1.5 * (torch.cuda.max_memory_allocated(self.device) - base))
+        self.graph_reserve = graph_reserve
         free, total = torch.cuda.mem_get_info(self.device)
         used_by_others = total - free - torch.cuda.memory_reserved(self.device)
         budget = total * self.config.gpu_memory_utilization - used_by_others - peak - graph_reserve
@@ -184,8 +187,12 @@ class ModelRunner:
         self.graphs = DecodeGraphs(
             static, self._graph_forward, graph_buckets(self.config.max_num_seqs), self.graph_factory, new_pool
         )
+        cuda = self.device.type == "cuda"
+        before = torch.cuda.memory_reserved(self.device) if cuda else 0
         with torch.inference_mode():
             self.graphs.capture()
+        if cuda:
+            self.graph_memory = torch.cuda.memory_reserved(self.device) - before
 
     def _graph_forward(self, bs: int) -> torch.Tensor:
         """What a decode graph of bucket `bs` runs: logits [bs, V] of the static inputs' first bs rows."""
