@@ -1,11 +1,12 @@
 """CUDA graphs of decode-only steps, captured at start-up for bucketed batch sizes.
 
 A decode step of a small model is hundreds of tiny kernels; launched one by one from Python they cost more
-than the step's memory traffic. Each bucket size gets one graph of the whole decoder forward plus the LM head,
-reading static input buffers and writing a static logits buffer. A step with B decodes (B <= the largest
-bucket) fills the first B rows of the static buffers, pads the rest of its bucket with inert rows (slot -1:
-no KV write; context length 0; token 0 at position 0) and replays the bucket's graph; its logits are the
-first B rows of the output. Steps with prefill chunks, and larger batches, run eagerly.
+than the step's memory traffic. Each bucket size gets one graph of the whole decoder forward (embedding to the
+final norm), reading static input buffers and writing a static [bs, hidden] output; the LM head (one GEMM) runs
+after it on the rows that exist, so no graph keeps a [bs, vocab] buffer alive in the pool. A step with B decodes
+(B <= the largest bucket) fills the first B rows of the static buffers, pads the rest of its bucket with inert
+rows (slot -1: no KV write; context length 0; token 0 at position 0) and replays the bucket's graph; its hidden
+states are the first B rows of the output. Steps with prefill chunks, and larger batches, run eagerly.
 
 Graphs are captured largest first into one memory pool (smaller ones reuse the largest one's memory), after a
 warm-up run of each that lets kernels compile and the allocator settle. Only an attention backend that reads
@@ -30,8 +31,13 @@ from plm_serve.engine.device_state import StepBatch
 logger = logging.getLogger(__name__)
 
 
-def graph_buckets(max_batch: int) -> list[int]:
-    """Batch sizes that get a graph: 1, 2, 4, 8, then every multiple of 16, up to (and including) max_batch."""
+MAX_GRAPH_BATCH = 512  # bounds capture time and pool memory; larger decode batches are launch-bound no more
+
+
+def graph_buckets(max_num_seqs: int) -> list[int]:
+    """Batch sizes that get a graph: 1, 2, 4, 8, then every multiple of 16, up to (and including) the largest,
+    min(max_num_seqs, MAX_GRAPH_BATCH)."""
+    max_batch = min(max_num_seqs, MAX_GRAPH_BATCH)
     sizes = [b for b in (1, 2, 4, 8) if b <= max_batch] + list(range(16, max_batch + 1, 16))
     if sizes[-1] != max_batch:
         sizes.append(max_batch)
@@ -128,7 +134,7 @@ class DecodeGraphs:
         new_pool: Callable[[], object],
     ) -> None:
         self.static = static
-        self.forward = forward  # forward(bs) -> logits [bs, V] from the static buffers' first bs rows
+        self.forward = forward  # forward(bs) -> hidden [bs, H] from the static buffers' first bs rows
         self.buckets = sorted(buckets)
         self.graph_factory = graph_factory
         self.new_pool = new_pool
@@ -160,7 +166,7 @@ class DecodeGraphs:
         return next(b for b in self.buckets if b >= batch_size)
 
     def run(self, batch: StepBatch, full_tables: torch.Tensor, bs: int) -> torch.Tensor:
-        """Replay bucket `bs` on `batch`; returns its logits [B, V] (a view of the graph's output buffer)."""
+        """Replay bucket `bs` on `batch`; returns its hidden states [B, H] (a view of the graph's output)."""
         self.static.fill(batch, full_tables, bs)
         graph, out = self._graphs[bs]
         graph.replay()

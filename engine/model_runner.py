@@ -112,7 +112,8 @@ class ModelRunner:
         Measured, not guessed: the largest vision batch (the encoder budget in tiles, at its bucket size), a
         full token budget through the decoder, the sampler at its most expensive (every row random with
         min_p, top_p, penalties and 20 logprobs; the penalty tables stay allocated), then the memory the
-        decode graphs will keep in their pool, measured as the peak of one eager forward at the largest bucket.
+        decode graphs will keep in their pool: 1.5x the peak of one eager decoder forward at the largest bucket
+        (graphs stop at the final norm; the LM head and sampler run outside them, within the peak above).
         """
         assert self.device.type == "cuda", "profiling needs a CUDA device; set num_kv_blocks on CPU"
         torch.cuda.empty_cache()
@@ -131,7 +132,7 @@ class ModelRunner:
             torch.cuda.reset_peak_memory_stats(self.device)
             base = torch.cuda.memory_allocated(self.device)
             max_bs = graph_buckets(self.config.max_num_seqs)[-1]
-            self._dense_logits(max_bs, max_bs)
+            self._dense_logits(max_bs, 0)
             torch.cuda.synchronize(self.device)
             graph_reserve = int(1.5 * (torch.cuda.max_memory_allocated(self.device) - base))
         self.graph_reserve = graph_reserve
@@ -152,11 +153,11 @@ class ModelRunner:
         return num_blocks
 
     def _dense_logits(self, num_tokens: int, num_logits: int) -> torch.Tensor:
-        """A forward of one `num_tokens`-token sequence without the KV pool; logits of its last rows."""
+        """A forward of one `num_tokens`-token sequence without the KV pool; logits of its last `num_logits` rows."""
         ids = torch.zeros(num_tokens, dtype=torch.long, device=self.device)
         positions = torch.arange(num_tokens, device=self.device)
         hidden = self.model(self.model.embed_tokens(ids), positions, DenseCausalAttention([num_tokens]))
-        return self.model.compute_logits(hidden[-num_logits:])
+        return self.model.compute_logits(hidden[num_tokens - num_logits :])
 
     def _worst_case_rows(self, n: int) -> SamplingRows:
         dev = self.device
@@ -182,11 +183,10 @@ class ModelRunner:
                 "decode steps run eagerly: %s cannot be captured in a CUDA graph", type(probe).__name__
             )
             return
-        static = StaticDecodeInputs(self.config.max_num_seqs, self.state.max_blocks, self.device)
+        buckets = graph_buckets(self.config.max_num_seqs)
+        static = StaticDecodeInputs(buckets[-1], self.state.max_blocks, self.device)
         new_pool = CudaGraph.new_pool if self.graph_factory is CudaGraph else (lambda: None)
-        self.graphs = DecodeGraphs(
-            static, self._graph_forward, graph_buckets(self.config.max_num_seqs), self.graph_factory, new_pool
-        )
+        self.graphs = DecodeGraphs(static, self._graph_forward, buckets, self.graph_factory, new_pool)
         cuda = self.device.type == "cuda"
         before = torch.cuda.memory_reserved(self.device) if cuda else 0
         with torch.inference_mode():
@@ -195,12 +195,11 @@ class ModelRunner:
             self.graph_memory = torch.cuda.memory_reserved(self.device) - before
 
     def _graph_forward(self, bs: int) -> torch.Tensor:
-        """What a decode graph of bucket `bs` runs: logits [bs, V] of the static inputs' first bs rows."""
+        """What a decode graph of bucket `bs` runs: the decoder on the static inputs' first bs rows -> [bs, H]."""
         s = self.graphs.static
-        hidden = self.model(
+        return self.model(
             self.model.embed_tokens(s.input_ids[:bs]), s.positions[:bs], self._attention(s.metadata(bs))
         )
-        return self.model.compute_logits(hidden)
 
     # ------------------------------------------------------------------------------------- attention backend
     def _attention(self, metadata: AttentionMetadata):
@@ -293,8 +292,8 @@ class ModelRunner:
 
     def _forward(self, batch: StepBatch) -> torch.Tensor | None:
         bs = self.graphs.bucket_for(batch.num_rows) if self.graphs and batch.is_decode_only else None
-        if bs is not None:
-            return self.graphs.run(batch, self.state.block_table[batch.slots], bs)
+        if bs is not None:  # every row samples: the LM head takes the graph's output rows as they are
+            return self.model.compute_logits(self.graphs.run(batch, self.state.block_table[batch.slots], bs))
         hidden = self.model(self._embed(batch), batch.positions, self._attention(batch.metadata))
         if batch.sampling is None:
             return None

@@ -59,6 +59,7 @@ def test_buckets() -> None:
     assert graph_buckets(1) == [1]
     assert graph_buckets(12) == [1, 2, 4, 8, 12]
     assert graph_buckets(256) == [1, 2, 4, 8, *range(16, 257, 16)]
+    assert graph_buckets(2048)[-1] == 512  # capture time and pool memory stay bounded
     graphs = DecodeGraphs(None, None, graph_buckets(40), RecordingGraph, lambda: None)
     graphs._graphs = dict.fromkeys(graphs.buckets)  # as if captured
     assert [graphs.bucket_for(b) for b in (1, 3, 8, 9, 17, 40, 41)] == [1, 4, 8, 16, 32, 40, None]
@@ -92,7 +93,7 @@ def test_graph_steps_give_the_eager_tokens_and_write_no_kv_from_padding(ckpt_l, 
 
     def checked_run(batch, full_tables, bs):
         before = kv.data[:, :, :num_real].clone()
-        logits = original_run(batch, full_tables, bs)
+        hidden = original_run(batch, full_tables, bs)
         b = batch.num_rows
         used.append((b, bs))
         changed = (kv.data[:, :, :num_real] != before).flatten(4).any(-1).any(0).any(0).flatten()  # per slot
@@ -100,8 +101,8 @@ def test_graph_steps_give_the_eager_tokens_and_write_no_kv_from_padding(ckpt_l, 
         allowed[batch.metadata.slot_mapping] = True
         assert not (changed & ~allowed).any(), "a padding row wrote into the KV pool"
         assert static.slot_mapping[b:bs].eq(-1).all() and static.context_lens[b:bs].eq(0).all()
-        assert logits.data_ptr() == outputs[bs].data_ptr()  # the bucket's own static output
-        return logits
+        assert hidden.data_ptr() == outputs[bs].data_ptr()  # the bucket's own static output
+        return hidden
 
     graphs.run = checked_run
     assert run(core, reqs()) == eager
