@@ -137,7 +137,11 @@ class EngineCore:
             if launched:
                 self._in_flight.append((sched, self.runner.launch(sched)))
             depth = 1 if self.overlap else 0
-            if not self._in_flight or (launched and len(self._in_flight) <= depth):
+            if not self._in_flight:
+                if self.scheduler.has_unfinished():  # maybe all that is left waits for an image's encoding
+                    self.runner.wait_for_media()
+                return []
+            if launched and len(self._in_flight) <= depth:
                 return []
             done, pending = self._in_flight[0]
             result = pending.wait()

@@ -219,6 +219,11 @@ class ModelRunner:
         event = self._media_events.get(content_hash)
         return event is None or event.query()
 
+    def wait_for_media(self) -> None:
+        """Block until the encoder stream is idle (the engine has nothing else to run meanwhile)."""
+        if self._encoder_stream is not None:
+            self._encoder_stream.synchronize()
+
     def encode_tiles(self, pixels_u8: torch.Tensor) -> torch.Tensor:
         """uint8 [N, 3, 448, 448] on the device -> [N, tokens_per_tile, hidden], in encoder-budget batches.
 
