@@ -5,7 +5,7 @@ Public API (counts in tokens unless named *_blocks):
     bm.match_prefix(seq) -> int      # read-only: cached tokens at the start of seq (< seq.num_tokens)
     bm.allocate(seq, num_new_tokens, num_cached_tokens=0) -> bool   # atomic: all blocks or nothing
     bm.cache_full_blocks(seq)        # after the runner computed tokens: register newly full blocks
-    bm.free(seq)                     # idempotent; cached blocks keep their hash
+    bm.free(seq, uncache=False)      # idempotent; cached blocks keep their hash unless uncache
     bm.num_free_blocks, bm.usage, bm.queries, bm.hits, bm.check_integrity(seqs)
 
 Pool: block ids 0..num_blocks-1. A block is either *used* (ref_count > 0, in at least one block table)
@@ -188,13 +188,18 @@ class BlockManager:
                 self._tokens[block_id] = tuple(seq.token_ids[i * bs : (i + 1) * bs])
         seq.num_cached_blocks = num_full
 
-    def free(self, seq: Sequence) -> None:
-        """Release every block of `seq` (idempotent). Hashes stay: they describe content, not blocks."""
+    def free(self, seq: Sequence, uncache: bool = False) -> None:
+        """Release every block of `seq` (idempotent). Hashes stay: they describe content, not blocks; with
+        `uncache`, the blocks nobody else holds forget theirs (their content is not to be trusted)."""
         ref = self._ref
         for block_id in reversed(seq.block_table):
             ref[block_id] -= 1
             if ref[block_id] == 0:
                 self._free[block_id] = None
+                if uncache and self._hash[block_id] is not None:
+                    del self._cached[self._hash[block_id]]
+                    self._hash[block_id] = None
+                    self._tokens[block_id] = None
                 if self._hash[block_id] is None:
                     self._free.move_to_end(block_id, last=False)
         seq.block_table = []

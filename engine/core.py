@@ -1,9 +1,27 @@
-"""EngineCore: schedule -> execute -> update, one step at a time, with no threads and no asyncio.
+"""EngineCore: schedule -> launch -> (wait) -> update, one step at a time, with no threads and no asyncio.
 
 The async engine drives it from its loop thread; the offline `LLM` drives it directly. Stop strings are found by the
 per-choice incremental detokenizer here, and end the sequence through `scheduler.finish`; so does a structured-output
 grammar that is complete (engine/structured_output.py). Prompt scores (engine/prompt_logprobs.py) are gathered here
 until a choice's first output carries them.
+
+Overlapped scheduling (`overlap_scheduling`, on by default with CUDA): `step()` schedules and launches step N+1
+*before* waiting for step N, so the host's scheduling, input staging and kernel launches for N+1 run while the
+device computes N; then N's tokens are applied and emitted. The scheduler plans N+1 with a placeholder for each
+token N is sampling, and the runner reads those tokens on the device, so the outputs are token for token those of
+the synchronous loop, only one step later. Work scheduled for a sequence that N finishes (EOS, a stop string, an
+abort) is wasted and its result dropped. No KV block is overwritten while a step that reads it is in flight: the
+device runs the steps' kernels in launch order on one stream, so a block freed (and reallocated) by the host
+between launching N and N+1 is written by N+1 only after N has finished with it. The loop runs synchronously
+while a grammar-constrained sequence is unfinished (its mask needs the previous token on the host) and while a
+request is suspected of a fault (below).
+
+Fault isolation: a step that raises (at launch, or when its results are collected) must not fail the requests
+that did nothing wrong. Its sequences are rolled back to their last applied token (`Scheduler.roll_back`: they
+recompute, which gives the same tokens) and their requests become suspects, each of which then runs alone until
+it gets a token. A request that fails alone (a suspect, or the only request of its step) fails with
+FinishReason.ERROR; the others finish exactly as in a clean run. `unattributed_failure` tells the async
+engine's breaker about failures that may be the runner's own rather than a request's.
 """
 
 from __future__ import annotations
@@ -11,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,13 +38,14 @@ from tokenizers import Tokenizer
 
 from plm_serve.engine.config import EngineConfig
 from plm_serve.engine.detokenizer import IncrementalDetokenizer, TokenTexts
-from plm_serve.engine.model_runner import ModelRunner, RunnerOutput, to_token_logprob
+from plm_serve.engine.model_runner import ModelRunner, to_token_logprob
 from plm_serve.engine.prompt_logprobs import PromptLogprobsCollector
 from plm_serve.engine.request import EngineRequest, FinishReason, StepOutput
-from plm_serve.engine.scheduler import Scheduler, SchedulerOutput
+from plm_serve.engine.runner_output import PendingStep, RunnerOutput
+from plm_serve.engine.scheduler import Scheduler
+from plm_serve.engine.scheduler_output import GrammarBitmask, SchedulerOutput
 from plm_serve.engine.sequence import Sequence, SequenceStatus
-from plm_serve.engine.step_isolation import run_isolated
-from plm_serve.engine.structured_output import GrammarCompiler, advance_grammars
+from plm_serve.engine.structured_output import GrammarCompiler, advance_grammars, grammar_bitmask
 from plm_serve.engine.validation import ModelLimits, validate_request
 from plm_serve.models import PLMConfig, load_model
 
@@ -87,15 +107,19 @@ class EngineCore:
             on_gpu = runner.device.type == "cuda"
             num_blocks = runner.profile_num_blocks() if on_gpu else CPU_DEFAULT_KV_BLOCKS
         runner.allocate_kv_cache(num_blocks)
+        runner.capture_graphs()
         self.scheduler = Scheduler(
             config.replace(max_model_len=self.max_model_len), num_blocks, set(self.eos_token_ids)
         )
+        self.scheduler.encode_ahead = runner.encodes_async
+        self.scheduler.media_ready = runner.media_ready
         self.detokenizers: dict[int, IncrementalDetokenizer] = {}
         self.token_texts = TokenTexts(
             tokenizer
         )  # logprob token texts, memoized (a long prompt repeats tokens)
         # Structured outputs and prompt scoring (engine/structured_output.py, engine/prompt_logprobs.py).
         self.grammars = GrammarCompiler(tokenizer, model_config.text.vocab_size, self.eos_token_ids)
+        self._constrained: dict[int, Sequence] = {}  # seq id -> unfinished sequence with a grammar
         self.prompt_logprobs = PromptLogprobsCollector()
         self.model_config = model_config
         self.limits = ModelLimits(
@@ -104,10 +128,14 @@ class EngineCore:
             tokens_per_tile=model_config.tokens_per_tile,
             max_waiting=config.max_waiting_requests,
         )
-        # Set by a step in which nothing could run, not even each request alone (see step_isolation.py).
+        # Set by a step whose failure cannot be pinned on a request (see `_recover`); read by the breaker.
         self.unattributed_failure: Exception | None = None
+        self._runner_ok_since_fault = True  # a step succeeded since the last rolled-back failure
         self._counters = EngineStats(num_kv_blocks=num_blocks)  # cumulative counters, engine thread only
         self.stats = self._counters
+        overlap = config.overlap_scheduling
+        self.overlap = runner.device.type == "cuda" if overlap is None else overlap
+        self._in_flight: deque[tuple[SchedulerOutput, PendingStep]] = deque()  # launched, not yet applied
 
     @classmethod
     def load(cls, config: EngineConfig) -> EngineCore:
@@ -132,6 +160,7 @@ class EngineCore:
         if grammar is not None:
             for seq in seqs:
                 seq.grammar = grammar.matcher()
+                self._constrained[seq.seq_id] = seq
         self._refresh_gauges()
 
     def abort_request(self, request_id: str) -> list[StepOutput]:
@@ -144,36 +173,74 @@ class EngineCore:
         self._refresh_gauges()
         return outs
 
+    def fail_request(self, request_id: str, exc: BaseException) -> list[StepOutput]:
+        """End every unfinished choice of a request with FinishReason.ERROR (and free what it holds)."""
+        outputs = self.abort_request(request_id)
+        for out in outputs:
+            out.finish_reason = FinishReason.ERROR
+            out.error = f"{type(exc).__name__}: {exc}"
+        return outputs
+
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self._in_flight)
 
     # ------------------------------------------------------------------------------------------- step
     def step(self) -> list[StepOutput]:
+        """Schedule and launch the next step; apply the oldest step in flight (synchronous loop: this one;
+        overlapped: the previous one, once this one is launched). Returns the outputs applied."""
         t0 = time.perf_counter()
         self.unattributed_failure = None
-        sched = self.scheduler.schedule()
-        if not sched.chunks and not sched.encoder_inputs:
-            return []
-        # A failing batch must not take the loop or the step's other requests down: see step_isolation.py.
-        isolated = run_isolated(self.runner.execute, sched)
-        self.unattributed_failure = isolated.unattributed
-        outputs: list[StepOutput] = []
-        failed = set(isolated.failed)
-        for request_id, exc in isolated.failed.items():
-            outputs += self.fail_request(request_id, exc)
-        result = isolated.results
-        self.scheduler.update(sched, result.sampled)  # failed requests are finished: update skips them
-        self.prompt_logprobs.add(result.prompt_logprobs)
-        sampled = [
-            (c.seq, result.sampled[c.seq.seq_id])
-            for c in sched.chunks
-            if c.seq.seq_id in result.sampled and c.seq.request_id not in failed
+        overlap = self._overlaps()
+        launched: SchedulerOutput | None = None
+        try:
+            if overlap or not self._in_flight:  # synchronous: nothing is planned while a step is in flight
+                sched = self.scheduler.schedule()
+                if sched.has_work:
+                    launched = sched  # from here on, a failure rolls it back
+                    sched.grammar = self._grammar_bitmask(sched)
+                    self._in_flight.append((sched, self.runner.launch(sched)))
+            if not self._in_flight:
+                if self.scheduler.has_unfinished():  # maybe all that is left waits for an image's encoding
+                    self.runner.wait_for_media()
+                return []
+            if launched is not None and overlap and len(self._in_flight) == 1:
+                return []  # the first step of a run: its results are collected after the next launch
+            done, pending = self._in_flight[0]
+            result = pending.wait()
+            self._in_flight.popleft()
+        except Exception as exc:  # a failing step must not take the loop, nor anyone innocent, down
+            return self._recover(launched, exc)
+        self._runner_ok_since_fault = True
+        return self._apply(done, result, t0)
+
+    def _overlaps(self) -> bool:
+        """Whether the next step may be launched before the previous one's tokens are back."""
+        if self._constrained:  # drop the finished ones: their masks are no longer needed
+            live = self.scheduler.sequence
+            self._constrained = {i: s for i, s in self._constrained.items() if live(i) is not None}
+        return self.overlap and not self._constrained and not self.scheduler.has_suspects
+
+    def _grammar_bitmask(self, sched: SchedulerOutput) -> GrammarBitmask | None:
+        """The allowed tokens of the step's grammar-constrained sampling rows (None when it has none)."""
+        if not self._constrained:
+            return None
+        constrained = [
+            self._constrained[c.seq_id] for c in sched.chunks if c.sample and c.seq_id in self._constrained
         ]
-        for seq in advance_grammars(sampled):  # a grammar that is complete ends its sequence
+        return grammar_bitmask(constrained, self.limits.vocab_size, pin=self.runner.device.type == "cuda")
+
+    def _apply(self, done: SchedulerOutput, result: RunnerOutput, t0: float) -> list[StepOutput]:
+        """Apply a finished step's tokens and emit one output per sequence that got one."""
+        got = self.scheduler.update(done, result.sampled)
+        self.prompt_logprobs.add(result.prompt_logprobs)
+        for seq in advance_grammars(
+            [(s, result.sampled[s.seq_id]) for s in got]
+        ):  # a complete grammar ends it
             self.scheduler.finish(seq, FinishReason.STOP)
-        for chunk in sched.chunks:
-            seq = chunk.seq
-            if seq.seq_id not in result.sampled or seq.request_id in failed:
+        outputs: list[StepOutput] = []
+        failed: set[str] = set()
+        for seq in got:
+            if seq.request_id in failed:
                 continue
             try:
                 outputs.append(self._emit(seq, result))
@@ -183,20 +250,45 @@ class EngineCore:
                 self.detokenizers.pop(seq.seq_id, None)
                 if (
                     seq.status is SequenceStatus.FINISHED
-                ):  # finished by update(): abort has no final output left to give it
+                ):  # finished by update(): abort has no output left for it
                     out = self._output(seq, "", [], FinishReason.ERROR)
                     out.error = f"{type(exc).__name__}: {exc}"
                     outputs.append(out)
                 outputs += self.fail_request(seq.request_id, exc)
-        self._update_stats(sched, result.num_encoded_tiles, time.perf_counter() - t0)
+        self._update_stats(done, result.num_encoded_tiles, time.perf_counter() - t0)
         return outputs
 
-    def fail_request(self, request_id: str, exc: BaseException) -> list[StepOutput]:
-        """End every unfinished choice of a request with FinishReason.ERROR (and free what it holds)."""
-        outputs = self.abort_request(request_id)
-        for out in outputs:
-            out.finish_reason = FinishReason.ERROR
-            out.error = f"{type(exc).__name__}: {exc}"
+    def _recover(self, launched: SchedulerOutput | None, exc: Exception) -> list[StepOutput]:
+        """A step raised: roll back every step in flight, fail the request to blame, suspect the others.
+
+        The request to blame is the one that ran alone (a suspect) or the only request of the lost steps. A
+        failure is unattributed (it may be the runner's, not a request's) when it is a lone request's first,
+        or when it fails a suspect before any step has succeeded since the roll-back that made it one."""
+        lost = [s for s, _ in self._in_flight]
+        if launched is not None and not any(s is launched for s in lost):  # its launch raised
+            lost.append(launched)
+        self._in_flight.clear()
+        self.runner.discard_staged()
+        seq_ids = [c.seq_id for s in lost for c in s.chunks]
+        request_ids = list(
+            dict.fromkeys(seq.request_id for i in seq_ids if (seq := self.scheduler.sequence(i)))
+        )
+        isolated = [s.isolated for s in lost if s.isolated is not None]
+        blamed = isolated or (request_ids if len(request_ids) == 1 else [])
+        logger.exception(
+            "engine step failed (%d requests); %s", len(request_ids),
+            f"failing {blamed}" if blamed else "rolling back and running each request alone",
+        )  # fmt: skip
+        encoded = [m.content_hash for s in lost for m in s.encoder_inputs]
+        self.scheduler.roll_back(
+            seq_ids, encoded
+        )  # also for the blamed: blocks the lost steps wrote are void
+        if blamed and (not isolated or not self._runner_ok_since_fault):
+            self.unattributed_failure = exc
+        if not blamed:
+            self._runner_ok_since_fault = False
+        outputs = [out for request_id in blamed for out in self.fail_request(request_id, exc)]
+        self._refresh_gauges()
         return outputs
 
     def _emit(self, seq: Sequence, result: RunnerOutput) -> StepOutput:

@@ -6,7 +6,7 @@ decides what is in it. Public API:
     cache.contains(h); cache.add_ref(h, owner); cache.allocate(h, rows, owner); cache.release(h, owner)
     cache.take_freed() -> list[str]   # evicted since the last call: the runner drops those tensors
     cache.hits, cache.misses, cache.queries
-    plan_media(cache, items, start, num_tokens, budget) -> MediaPlan   # read-only
+    plan_media(cache, items, start, num_tokens, budget, ready, encode_ahead) -> MediaPlan   # read-only
 
 Invariants:
   * An entry exists from the step that schedules its encoding until it is evicted; while it exists
@@ -20,7 +20,7 @@ Invariants:
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 from plm_serve.engine.request import MMInput
@@ -106,13 +106,21 @@ class EncoderCache:
             self._freeable[content_hash] = entry.rows
             self._freeable_rows += entry.rows
 
+    def discard(self, content_hash: str) -> None:
+        """Forget an entry nobody references (its encoding cannot be trusted); no-op otherwise."""
+        if content_hash in self._freeable:
+            self._evict(content_hash)
+
     def take_freed(self) -> list[str]:
         """Hashes evicted since the last call (the runner deletes their tensors)."""
         freed, self._freed = self._freed, []
         return freed
 
     def _evict_oldest(self) -> None:
-        content_hash, rows = self._freeable.popitem(last=False)
+        self._evict(next(iter(self._freeable)))
+
+    def _evict(self, content_hash: str) -> None:
+        rows = self._freeable.pop(content_hash)
         del self._entries[content_hash]
         self._used_rows -= rows
         self._freeable_rows -= rows
@@ -158,16 +166,26 @@ class MediaPlan:
 
 
 def plan_media(
-    cache: EncoderCache, items: list[MMInput], start: int, num_tokens: int, budget: EncoderBudget
+    cache: EncoderCache,
+    items: list[MMInput],
+    start: int,
+    num_tokens: int,
+    budget: EncoderBudget,
+    ready: Callable[[str], bool] | None = None,
+    encode_ahead: bool = False,
 ) -> MediaPlan:
     """Plan the media of chunk [start, start + num_tokens) of a sequence whose media are `items` (sorted).
 
     Every item overlapping the chunk must be cached or encoded this step (within `budget` and the
     cache space); the chunk is cut before the first item that cannot be (to 0 tokens if the chunk
-    starts inside it). Read-only.
+    starts inside it). With an asynchronous encoder the chunk is also cut before an item whose encoding
+    is still running (`ready(hash)` false) and, with `encode_ahead`, before an item encoded this very step:
+    its embeddings are consumed by a later step, so the step's decodes never wait for the vision tower.
+    Items past such a cut are still referenced or encoded (so several images encode together). Read-only.
     """
     plan = MediaPlan(num_tokens)
     end = start + num_tokens
+    usable_end = end  # where the chunk must stop
     planned: set[str] = set()
     pinned_rows = 0  # freeable rows this plan will reference: not evictable for its own allocations
     new_rows = 0
@@ -182,14 +200,19 @@ def plan_media(
         if cache.contains(h):
             plan.refs.append(h)
             pinned_rows += cache.freeable_rows_of(h)
+            if ready is not None and not ready(h):
+                usable_end = min(usable_end, item.offset)
         elif budget.allows(plan.tiles + item.num_tiles, len(plan.encode)) and (
             new_rows + item.length <= cache.available_rows - pinned_rows
         ):
             plan.encode.append(item)
             plan.tiles += item.num_tiles
             new_rows += item.length
+            if encode_ahead:
+                usable_end = min(usable_end, item.offset)
         else:
-            plan.num_tokens = max(item.offset - start, 0)
+            usable_end = min(usable_end, item.offset)
             break
         planned.add(h)
+    plan.num_tokens = max(usable_end - start, 0)
     return plan

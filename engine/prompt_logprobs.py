@@ -1,9 +1,9 @@
 """Prompt logprobs (scoring): each prompt token's log-probability under the model, computed during prefill.
 
 Public API:
-    needs_prompt_logprobs(seq) -> bool                 # scheduler: such a sequence skips the prefix cache
-    entries = compute_prompt_logprobs(model, hidden, chunks)   # runner, once per step
-    collector.add(entries); collector.take(seq, token_text)    # core: gathered until the first output
+    scoring = prompt_scoring(seq, start, num_tokens)           # scheduler: what a chunk of `seq` is to score
+    entries = compute_prompt_logprobs(model, hidden, chunks)   # runner, once per step, from `chunk.scoring`
+    collector.add(entries); collector.take(...)                # core: gathered until the first output
 
 Prompt token p (p >= 1) is scored by the logits of position p - 1: log_softmax(logits[p - 1])[token_p], in fp32,
 from the raw model distribution (no temperature, penalties or grammar), with its rank (1 = the most likely) and
@@ -14,7 +14,8 @@ never holds more than [ROWS_PER_SLICE, vocab] fp32 logits (64 MB at 128k), whate
 
 Only choice 0 of a request is scored (the prompt is the same for every choice). Its positions must be computed,
 not read from the prefix cache: `needs_prompt_logprobs` tells the scheduler so. After a preemption the prompt is
-recomputed and the collector keeps the first result of each position.
+recomputed and the collector keeps the first result of each position. Scoring reads its results back to the host
+inside `ModelRunner.launch` (one sync), and a step that scores has prefill rows, so it is never a CUDA graph.
 """
 
 from __future__ import annotations
@@ -22,16 +23,30 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from plm_serve.engine.request import TokenLogprob
+from plm_serve.engine.request import SamplingParams, TokenLogprob
+from plm_serve.engine.scheduler_output import PromptScoring
 
 if TYPE_CHECKING:
-    from plm_serve.engine.scheduler import ScheduledChunk
-    from plm_serve.engine.sequence import Sequence as EngineSequence
+    from plm_serve.engine.scheduler_output import ScheduledChunk
     from plm_serve.models import PerceptionLM
+
+
+class _Choice(Protocol):
+    """What scoring reads of a sequence (engine/sequence.py; not imported: the runner imports this module)."""
+
+    seq_id: int
+    index: int
+    sampling: SamplingParams
+    token_ids: list[int]
+    num_prompt_tokens: int
+
+    @property
+    def num_output_tokens(self) -> int: ...
+
 
 ROWS_PER_SLICE = 128
 
@@ -47,9 +62,17 @@ class PromptTokenLogprob:
     top: list[tuple[int, float]]  # (token id, logprob), best first
 
 
-def needs_prompt_logprobs(seq: EngineSequence) -> bool:
+def needs_prompt_logprobs(seq: _Choice) -> bool:
     """Whether `seq` still has prompt positions to score (choice 0, before its first output token)."""
     return seq.sampling.prompt_logprobs is not None and seq.index == 0 and seq.num_output_tokens == 0
+
+
+def prompt_scoring(seq: _Choice, start: int, num_tokens: int) -> PromptScoring | None:
+    """What the chunk `[start, start + num_tokens)` of `seq` scores: the prompt tokens its rows predict."""
+    end = min(start + num_tokens, seq.num_prompt_tokens - 1)  # rows whose next token is still in the prompt
+    if not needs_prompt_logprobs(seq) or start >= end:
+        return None
+    return PromptScoring(seq.sampling.prompt_logprobs or 0, seq.token_ids[start + 1 : end + 1])
 
 
 def compute_prompt_logprobs(
@@ -60,20 +83,14 @@ def compute_prompt_logprobs(
     out: dict[int, list[PromptTokenLogprob]] = {}
     row_starts = itertools.accumulate((c.num_tokens for c in chunks), initial=0)
     for chunk, row0 in zip(chunks, row_starts, strict=False):
-        seq = chunk.seq
-        if not needs_prompt_logprobs(seq):
+        scoring = chunk.scoring
+        if scoring is None:
             continue
-        # Positions p of this chunk whose next token p + 1 is still in the prompt.
-        end = min(chunk.end, seq.num_prompt_tokens - 1)
-        if chunk.start >= end:
-            continue
-        k = seq.sampling.prompt_logprobs or 0
-        entries = out.setdefault(seq.seq_id, [])
-        for lo in range(chunk.start, end, ROWS_PER_SLICE):
-            hi = min(lo + ROWS_PER_SLICE, end)
-            rows = hidden[row0 + lo - chunk.start : row0 + hi - chunk.start]
-            targets = seq.token_ids[lo + 1 : hi + 1]
-            entries.extend(_score(model, rows, targets, lo + 1, k))
+        entries = out.setdefault(chunk.seq_id, [])
+        for lo in range(0, len(scoring.targets), ROWS_PER_SLICE):
+            hi = min(lo + ROWS_PER_SLICE, len(scoring.targets))
+            rows = hidden[row0 + lo : row0 + hi]
+            entries.extend(_score(model, rows, scoring.targets[lo:hi], chunk.start + lo + 1, scoring.k))
     return out
 
 
@@ -111,7 +128,7 @@ class PromptLogprobsCollector:
             for item in items:
                 known.setdefault(item.position, item)  # recomputed after a preemption: keep the first
 
-    def take(self, seq: EngineSequence, token_text: Callable[[int], str]) -> list[TokenLogprob | None] | None:
+    def take(self, seq: _Choice, token_text: Callable[[int], str]) -> list[TokenLogprob | None] | None:
         """The prompt's scores for the first output of `seq` (None if it did not ask), in prompt order."""
         if seq.sampling.prompt_logprobs is None or seq.index != 0:
             return None

@@ -3,34 +3,32 @@
 Public API:
     sched = Scheduler(config, num_blocks, eos_token_ids)
     sched.add_request(req) -> list[Sequence]   # validates: RequestRejectedError / EngineOverloadedError
-    out = sched.schedule() -> SchedulerOutput  # what to run this step
+    out = sched.schedule() -> SchedulerOutput  # what to run this step (engine/scheduler_output.py)
     ... the runner executes `out` and samples one token per chunk with `sample=True` ...
-    finished = sched.update(out, {seq_id: token_id})  # advance, append, stop checks, free finished
+    got = sched.update(out, {seq_id: token_id})  # append, stop checks, free finished; -> sequences with a token
     sched.finish(seq, FinishReason.STOP)       # the core found a stop string
     sched.abort_request(request_id) -> list[Sequence]  # idempotent
-    sched.has_unfinished(), num_running, num_waiting, stats(), check_integrity()
+    sched.sequence(seq_id), has_unfinished(), num_running, num_waiting, stats(), check_integrity()
 
-Contract with the model runner, for each `ScheduledChunk(seq, start, num_tokens, sample)`:
-  * input tokens are `seq.token_ids[start : start + num_tokens]`; token j is at position `start + j`
-    and writes its KV to slot `block_table[pos // block_size] * block_size + pos % block_size`;
-    attention covers positions `[0, start + num_tokens)` of the sequence (the first `start` are
-    already in the KV cache).
-  * `sample=True`: after this chunk every token of `seq.token_ids` is computed: sample the next token
-    from the logits of the chunk's last token and return it as `sampled[seq.seq_id]`.
-    `sample=False`: an intermediate prefill chunk, no logits needed.
-  * media: `chunk.media_slices()` says which embedding rows of which item fill which chunk positions.
-    First drop the tensors of `out.freed_encoder_hashes`, then encode `out.encoder_inputs` (unique
-    hashes) and keep each output by `content_hash` until a later step lists the hash as freed.
-  * `out.preempted`: sequences that lost their KV (drop any per-sequence runner state); they come
-    back later as prefills of prompt + outputs so far, and their output is unchanged.
+`schedule()` advances each scheduled sequence at once (its computed tokens, and a placeholder for the token
+a sampling chunk will produce), so the next `schedule()` may run before this step's tokens are back: the
+overlapped loop schedules step N+1 while step N runs, and `update(N)` later fills the placeholders. The runner
+sees only the data records of `SchedulerOutput` (see scheduler_output.py for that contract): a sequence's
+data once when it takes a slot, then per-step chunks with the blocks appended to its table.
 
 Policy per step: running sequences first, oldest first (a decode needs 1 token; a running prefill
 continues with a chunk; every pending decode keeps 1 token reserved so a long prefill cannot starve
-decodes), then waiting ones FCFS, within `max_num_batched_tokens` and `max_num_seqs`. When KV blocks
-run out for a running sequence, the newest running sequence is preempted (recompute) and requeued at
-the front; nothing new is admitted in a step that preempted. n > 1: choices 1..n-1 are held back
-until choice 0's prompt prefill is done, then queued at the front so their prompt hits the prefix
-cache (sharing the prompt's full blocks).
+decodes), then waiting ones FCFS, within `max_num_batched_tokens` and `max_num_seqs`. While sequences are
+decoding, prefill chunks together take at most `max_prefill_tokens_per_decode_step` tokens, so an arriving
+long (image) prompt is spread over several steps instead of stalling every stream for one long step. When KV
+blocks run out for a running sequence, the newest running sequence is preempted (recompute) and requeued at
+the front; nothing new is admitted in a step that preempted. n > 1: choices 1..n-1 are held back until
+choice 0's prompt prefill is done, then queued at the front so their prompt hits the prefix cache (sharing the
+prompt's full blocks). A sequence whose in-flight token will end it by length is not scheduled again.
+
+Media: with an asynchronous encoder (`encode_ahead`, set by the engine when the runner encodes on its own
+CUDA stream) a chunk stops before an image whose encoding was scheduled this step or is still running
+(`media_ready`), and continues once it is done: the step's decodes never wait for the vision tower.
 """
 
 from __future__ import annotations
@@ -38,15 +36,16 @@ from __future__ import annotations
 import itertools
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from plm_serve.engine.block_manager import BlockManager
 from plm_serve.engine.config import EngineConfig
 from plm_serve.engine.encoder_cache import EncoderBudget, EncoderCache, MediaPlan, plan_media
 from plm_serve.engine.errors import EngineOverloadedError, RequestRejectedError
-from plm_serve.engine.prompt_logprobs import needs_prompt_logprobs
+from plm_serve.engine.prompt_logprobs import needs_prompt_logprobs, prompt_scoring
 from plm_serve.engine.request import EngineRequest, FinishReason, MMInput
+from plm_serve.engine.scheduler_output import MediaSlice, NewSequence, ScheduledChunk, SchedulerOutput
 from plm_serve.engine.sequence import Sequence, SequenceStatus
 from plm_serve.engine.stats import SchedulerStats
 
@@ -54,56 +53,18 @@ _RUNNING = SequenceStatus.RUNNING
 
 
 @dataclass(slots=True)
-class ScheduledChunk:
-    """Compute `seq.token_ids[start : start + num_tokens]`; if `sample`, then sample the next token."""
-
-    seq: Sequence
-    start: int
-    num_tokens: int
-    sample: bool
-
-    @property
-    def end(self) -> int:
-        return self.start + self.num_tokens
-
-    @property
-    def token_ids(self) -> list[int]:
-        return self.seq.token_ids[self.start : self.start + self.num_tokens]
-
-    def media_slices(self) -> list[tuple[MMInput, int, int, int]]:
-        """`(item, chunk_pos, row, num_rows)`: chunk positions `[chunk_pos, chunk_pos + num_rows)`
-        (relative to `start`) take rows `[row, row + num_rows)` of the item's encoder output."""
-        out = []
-        for item in self.seq.mm_inputs:
-            lo, hi = max(self.start, item.offset), min(self.end, item.offset + item.length)
-            if lo < hi:
-                out.append((item, lo - self.start, lo - item.offset, hi - lo))
-        return out
-
-
-@dataclass(slots=True)
-class SchedulerOutput:
-    chunks: list[ScheduledChunk]
-    encoder_inputs: list[MMInput]  # to encode this step, deduplicated by content_hash
-    freed_encoder_hashes: list[str]  # evicted from the encoder cache: drop these tensors (before encoding)
-    preempted: list[Sequence]
-    num_batched_tokens: int
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.chunks
-
-
-@dataclass(slots=True)
 class _Step:
     """Budgets and results accumulated while building one SchedulerOutput."""
 
     tokens_left: int
+    prefill_left: int  # prefill tokens still allowed (bounded while decodes run)
     encoder: EncoderBudget
     now: float
     chunks: list[ScheduledChunk] = field(default_factory=list)
+    new_sequences: list[NewSequence] = field(default_factory=list)
     encoder_inputs: list[MMInput] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    media_users: list[Sequence] = field(default_factory=list)  # scheduled sequences holding encoder refs
 
 
 class Scheduler:
@@ -123,8 +84,15 @@ class Scheduler:
         self.running: list[Sequence] = []  # admission order: oldest first, preemption victims from the end
         self._held: dict[str, list[Sequence]] = {}  # n>1 children waiting for choice 0's prompt prefill
         self._requests: dict[str, list[Sequence]] = {}  # unfinished request id -> all its sequences
+        self._live: dict[int, Sequence] = {}  # seq id -> unfinished sequence
+        self._free_slots = list(range(config.max_num_seqs - 1, -1, -1))  # runner state rows; pop() -> lowest
         self._seq_ids = itertools.count()
+        # Fault isolation (see `roll_back`): requests in a failed step, oldest first; a suspect runs alone.
+        self._suspects: dict[str, None] = {}
         self.num_preemptions = 0
+        # Set by the engine when the runner encodes media asynchronously (see the module docstring).
+        self.encode_ahead = False
+        self.media_ready: Callable[[str], bool] | None = None
 
     # ------------------------------------------------------------------------------------------------ intake
 
@@ -147,7 +115,7 @@ class Scheduler:
         return seqs
 
     def _new_sequence(self, req: EngineRequest, index: int) -> Sequence:
-        return Sequence(
+        seq = Sequence(
             seq_id=next(self._seq_ids),
             request_id=req.request_id,
             index=index,
@@ -158,6 +126,12 @@ class Scheduler:
             arrival_time=req.arrival_time,
             cache_salt=req.cache_salt,
         )
+        self._live[seq.seq_id] = seq
+        return seq
+
+    def sequence(self, seq_id: int) -> Sequence | None:
+        """The unfinished sequence with this id, or None (finished, aborted or unknown)."""
+        return self._live.get(seq_id)
 
     def _validate(self, req: EngineRequest) -> None:
         num_prompt = len(req.prompt_token_ids)
@@ -199,49 +173,94 @@ class Scheduler:
     # ---------------------------------------------------------------------------------------- schedule
 
     def schedule(self) -> SchedulerOutput:
-        """Pick the chunks of this step (see the module docstring for the policy and the contract)."""
+        """Pick the chunks of this step and advance their sequences (see the module docstring).
+
+        While requests are suspected of a fault (`roll_back`), the oldest of them runs alone in the step, and
+        when it cannot run yet (no blocks, say), the step runs everyone else instead."""
+        for only in (next(iter(self._suspects), None), None) if self._suspects else (None,):
+            out = self._schedule(only)
+            if out.chunks or only is None:
+                return out
+        raise AssertionError("unreachable")
+
+    def _schedule(self, only: str | None) -> SchedulerOutput:
+        """One step; `only`: the request to run alone, or None for every request but the suspects."""
+        decoding = any(self._is_decode(s) for s in self.running)
+        cap = self.config.max_prefill_tokens_per_decode_step
         step = _Step(
             tokens_left=self.config.max_num_batched_tokens,
+            prefill_left=cap if decoding and cap is not None else self.config.max_num_batched_tokens,
             encoder=EncoderBudget(self.config.max_encoder_tiles_per_step),
             now=time.monotonic(),
         )
-        self._schedule_running(step)
+        self._schedule_running(step, only)
         if not step.preempted:  # admitting now would just thrash with what was preempted
-            self._schedule_waiting(step)
+            self._schedule_waiting(step, only)
+        for seq in step.media_users:  # after every chunk is built, so no entry this step uses is evicted
+            self._release_passed_media(seq)
         return SchedulerOutput(
             chunks=step.chunks,
+            new_sequences=step.new_sequences,
             encoder_inputs=step.encoder_inputs,
             freed_encoder_hashes=self.encoder_cache.take_freed(),
-            preempted=step.preempted,
+            preempted=[s.seq_id for s in step.preempted],
             num_batched_tokens=self.config.max_num_batched_tokens - step.tokens_left,
+            isolated=only,
         )
 
-    def _schedule_running(self, step: _Step) -> None:
+    def _is_decode(self, seq: Sequence) -> bool:
+        return seq.num_tokens - seq.num_computed_tokens == 1 and not self._ends_in_flight(seq)
+
+    def _ends_in_flight(self, seq: Sequence) -> bool:
+        """A token in flight will end the sequence by length: nothing more to schedule for it."""
+        if not seq.num_placeholders:
+            return False
+        max_tokens = seq.sampling.max_tokens
+        num_out = seq.num_tokens - seq.num_prompt_tokens
+        return (max_tokens is not None and num_out >= max_tokens) or seq.num_tokens >= self.max_model_len
+
+    def _runs(self, seq: Sequence, only: str | None) -> bool:
+        """Whether `seq` takes part in a step that runs `only` alone (or, with None, everyone unsuspected)."""
+        return seq.request_id == only if only is not None else seq.request_id not in self._suspects
+
+    def _schedule_running(self, step: _Step, only: str | None = None) -> None:
         running = self.running  # preemption shrinks it (from the end) while we iterate
         i = 0
         while i < len(running):
             seq = running[i]
-            remaining = len(seq.token_ids) - seq.num_computed_tokens
-            if remaining == 1:  # a decode
+            if not self._runs(seq, only):
+                i += 1
+                continue
+            remaining = seq.num_tokens - seq.num_computed_tokens
+            if seq.num_placeholders and self._ends_in_flight(seq):
+                num_new = 0
+            elif remaining == 1:  # a decode
                 num_new = 1 if step.tokens_left > 0 else 0
             else:  # a prefill chunk leaves one token to every decode after it
-                num_new = min(remaining, step.tokens_left - self._pending_decodes(i + 1))
+                num_new = min(remaining, step.tokens_left - self._pending_decodes(i + 1), step.prefill_left)
             if num_new > 0:
                 self._schedule_running_chunk(seq, num_new, step)
             i += 1
 
     def _pending_decodes(self, start: int) -> int:
-        return sum(1 for s in self.running[start:] if len(s.token_ids) - s.num_computed_tokens == 1)
+        return sum(1 for s in self.running[start:] if self._is_decode(s))
 
     def _schedule_running_chunk(self, seq: Sequence, num_new: int, step: _Step) -> None:
         plan = None
         if seq.mm_inputs:
-            plan = plan_media(
-                self.encoder_cache, seq.mm_inputs, seq.num_computed_tokens, num_new, step.encoder
-            )
+            plan = self._plan_media(seq, seq.num_computed_tokens, num_new, step, self.encode_ahead)
             num_new = plan.num_tokens
-        if num_new > 0 and self._allocate_or_preempt(seq, num_new, step):
-            self._commit(seq, num_new, plan, step)
+            if num_new == 0 and (plan.encode or plan.refs):  # waits for its media: start their encoding now
+                self._take_media(seq, plan, step)
+                return
+        if num_new > 0:
+            num_blocks = len(seq.block_table)
+            if self._allocate_or_preempt(seq, num_new, step):
+                self._commit(seq, num_new, plan, step, seq.block_table[num_blocks:])
+
+    def _plan_media(self, seq: Sequence, start: int, num_new: int, step: _Step, ahead: bool) -> MediaPlan:
+        ready = self.media_ready if self.encode_ahead else None
+        return plan_media(self.encoder_cache, seq.mm_inputs, start, num_new, step.encoder, ready, ahead)
 
     def _allocate_or_preempt(self, seq: Sequence, num_new: int, step: _Step) -> bool:
         """Allocate for `seq`, preempting the newest running sequences (maybe `seq`) until it fits."""
@@ -253,37 +272,79 @@ class Scheduler:
                 return False
         return True
 
-    def _schedule_waiting(self, step: _Step) -> None:
-        while self.waiting and step.tokens_left > 0 and len(self.running) < self.config.max_num_seqs:
+    def _schedule_waiting(self, step: _Step, only: str | None = None) -> None:
+        if only is not None or self._suspects:  # skip whoever does not run in this step
+            for seq in [s for s in self.waiting if self._runs(s, only)]:
+                full = len(self.running) >= self.config.max_num_seqs
+                if step.tokens_left <= 0 or step.prefill_left <= 0 or full:
+                    return
+                if not self._admit(seq, step):
+                    return
+                self.waiting.remove(seq)
+            return
+        while (
+            self.waiting
+            and step.tokens_left > 0
+            and step.prefill_left > 0
+            and len(self.running) < self.config.max_num_seqs
+        ):
             if not self._admit(self.waiting[0], step):
                 break  # strict FCFS: the head waits for blocks or encoder budget, nobody overtakes it
             self.waiting.popleft()
 
     def _admit(self, seq: Sequence, step: _Step) -> bool:
+        assert seq.num_placeholders == 0, "admitted with a token still in flight"
         # A prompt being scored (prompt logprobs) is computed in full: cached positions would have no logits.
         cached = 0 if needs_prompt_logprobs(seq) else self.block_manager.match_prefix(seq)
-        num_new = min(seq.num_tokens - cached, step.tokens_left)
+        num_new = min(seq.num_tokens - cached, step.tokens_left, step.prefill_left)
         plan = None
         if seq.mm_inputs:
-            plan = plan_media(self.encoder_cache, seq.mm_inputs, cached, num_new, step.encoder)
+            plan = self._plan_media(seq, cached, num_new, step, self.encode_ahead)
+            if plan.num_tokens == 0 and self.encode_ahead:
+                # Nothing before its media to prefill: consume them in this step rather than wait outside.
+                plan = self._plan_media(seq, cached, num_new, step, ahead=False)
             num_new = plan.num_tokens
         if num_new == 0 or not self.block_manager.allocate(seq, num_new, cached):
             return False
         seq.status = _RUNNING
+        seq.slot = self._free_slots.pop()
         seq.num_computed_tokens = seq.num_cached_tokens = cached
         if seq.first_scheduled_time is None:
             seq.first_scheduled_time = step.now
         self.running.append(seq)
-        self._commit(seq, num_new, plan, step)
+        step.new_sequences.append(
+            NewSequence(
+                seq_id=seq.seq_id,
+                slot=seq.slot,
+                token_ids=list(seq.token_ids),
+                num_prompt_tokens=seq.num_prompt_tokens,
+                sampling=seq.sampling,
+                index=seq.index,
+                block_ids=list(seq.block_table),
+            )
+        )
+        self._commit(seq, num_new, plan, step, [])
         return True
 
-    def _commit(self, seq: Sequence, num_new: int, plan: MediaPlan | None, step: _Step) -> None:
-        """Take the media of `plan` and emit the chunk (its blocks are already allocated)."""
+    def _commit(
+        self, seq: Sequence, num_new: int, plan: MediaPlan | None, step: _Step, new_blocks: list[int]
+    ) -> None:
+        """Take the media of `plan`, emit the chunk (its blocks are already allocated) and advance `seq`."""
         if plan is not None:
             self._take_media(seq, plan, step)
         start = seq.num_computed_tokens
+        sample = start + num_new == seq.num_tokens
+        if num_new != 1 or not sample:
+            step.prefill_left -= num_new
         step.tokens_left -= num_new
-        step.chunks.append(ScheduledChunk(seq, start, num_new, start + num_new == len(seq.token_ids)))
+        media = _media_slices(seq, start, num_new) if seq.mm_inputs else []
+        scoring = prompt_scoring(seq, start, num_new) if seq.sampling.prompt_logprobs is not None else None
+        step.chunks.append(
+            ScheduledChunk(seq.seq_id, seq.slot, start, num_new, sample, new_blocks, media, scoring)
+        )
+        seq.num_computed_tokens = start + num_new
+        if sample:
+            seq.num_placeholders += 1
 
     def _take_media(self, seq: Sequence, plan: MediaPlan, step: _Step) -> None:
         cache, owner = self.encoder_cache, seq.seq_id
@@ -296,9 +357,48 @@ class Scheduler:
             step.encoder_inputs.append(item)
         if plan.encode:
             step.encoder.spend(plan.tiles, len(plan.encode))
+        if seq.encoder_refs:
+            step.media_users.append(seq)
+
+    # -------------------------------------------------------------------------------------- fault isolation
+
+    def roll_back(self, seq_ids: Iterable[int], encoded: Iterable[str]) -> list[str]:
+        """After a step failed: undo what the lost steps did to `seq_ids` and suspect their requests.
+
+        The tokens of the failed steps never arrive: each sequence drops its placeholders and is preempted
+        (recompute, which gives the same tokens: greedy and the seeded sampler's keys depend only on the
+        sequence), and the prefix cache forgets the blocks only it held (the lost steps may not have written
+        them). Encoder entries the lost steps were to make (`encoded`) are dropped, and so is every sequence
+        that references one (it may be waiting for that encoding, outside the lost steps). Each request is then
+        suspected and runs alone until it gets a token (`update`), so the next failure is attributed to one
+        request. Returns the suspected request ids."""
+        void = set(encoded)
+        seqs = [self._live[i] for i in dict.fromkeys(seq_ids) if i in self._live]
+        if void:
+            seqs += [s for s in self.running if s.encoder_refs & void and s not in seqs]
+        requests: dict[str, None] = {}
+        requeued = []
+        for seq in seqs:
+            seq.num_placeholders = 0
+            if seq.status is _RUNNING:
+                self.running.remove(seq)
+                self._release_resources(seq, uncache=True)
+                seq.status = SequenceStatus.WAITING
+                seq.num_computed_tokens = 0
+                requeued.append(seq)
+            requests[seq.request_id] = None
+        self.waiting.extendleft(reversed(requeued))  # at the front, in their order
+        for content_hash in void:
+            self.encoder_cache.discard(content_hash)
+        self._suspects.update(requests)
+        return list(requests)
+
+    @property
+    def has_suspects(self) -> bool:
+        return bool(self._suspects)
 
     def _preempt(self, seq: Sequence) -> None:
-        """Recompute preemption: drop the KV, keep the tokens, requeue at the front."""
+        """Recompute preemption: drop the KV and the slot, keep the tokens, requeue at the front."""
         self.running.remove(seq)
         self._release_resources(seq)
         seq.status = SequenceStatus.WAITING
@@ -310,28 +410,38 @@ class Scheduler:
     # ------------------------------------------------------------------------------------------ update
 
     def update(self, output: SchedulerOutput, sampled: dict[int, int]) -> list[Sequence]:
-        """Apply a finished step: advance every chunk, append `sampled[seq_id]` for chunks with `sample=True`,
-        register newly full blocks, release media the prefill has passed, and finish sequences that stop
-        (EOS unless ignore_eos, stop_token_ids, never before min_tokens; max_tokens; the context length).
-        Returns the sequences finished in this step (already freed)."""
-        finished: list[Sequence] = []
+        """Apply a finished step: put `sampled[seq_id]` in place of the placeholder of every chunk with
+        `sample=True`, register newly full blocks, and finish sequences that stop (EOS unless ignore_eos,
+        stop_token_ids, never before min_tokens; max_tokens; the context length).
+
+        Returns the sequences that received a token, in chunk order (finished ones already freed). A sequence
+        finished or aborted since `schedule()` is skipped; one preempted since then still gets its token (it was
+        computed before its blocks were reused: the device runs steps in order).
+        """
+        got: list[Sequence] = []
         now = time.monotonic()
         for chunk in output.chunks:
-            seq = chunk.seq
-            if seq.status is not _RUNNING:  # finished or aborted since schedule()
+            seq = self._live.get(chunk.seq_id)
+            if seq is None:  # finished or aborted since schedule()
                 continue
-            assert seq.num_computed_tokens == chunk.start, "update() applied twice or out of order"
-            seq.num_computed_tokens = chunk.start + chunk.num_tokens
-            self.block_manager.cache_full_blocks(seq)
-            if seq.encoder_refs:
-                self._release_passed_media(seq)
             if chunk.sample:
+                assert seq.num_placeholders > 0, "update() applied twice or out of order"
+                seq.num_placeholders -= 1
                 self._append_token(seq, sampled[seq.seq_id], now)
-                reason = self._stop_reason(seq)
-                if reason is not None:
-                    self._finish(seq, reason, now)
-                    finished.append(seq)
-        return finished
+            if seq.status is _RUNNING:
+                # Positions computed by a step still in flight may be registered: whoever reads a cached block
+                # runs after that step on the device. Their tokens must be known, though (they are hashed).
+                assert seq.num_computed_tokens <= len(seq.token_ids), "hashing a token still in flight"
+                self.block_manager.cache_full_blocks(seq)
+            if not chunk.sample:
+                continue
+            got.append(seq)
+            reason = self._stop_reason(seq)
+            if reason is not None:
+                self._finish(seq, reason, now)
+        if output.isolated is not None and got:  # it ran alone and got its token: not the culprit
+            self._suspects.pop(output.isolated, None)
+        return got
 
     def _append_token(self, seq: Sequence, token_id: int, now: float) -> None:
         seq.token_ids.append(token_id)
@@ -344,7 +454,7 @@ class Scheduler:
     def _stop_reason(self, seq: Sequence) -> FinishReason | None:
         sp = seq.sampling
         token = seq.token_ids[-1]
-        num_tokens = len(seq.token_ids)
+        num_tokens = len(seq.token_ids)  # known tokens: this check runs as each one arrives
         num_out = num_tokens - seq.num_prompt_tokens
         # Stop tokens count only once min_tokens tokens came before (the sampler masks them until then).
         if num_out > sp.min_tokens and (
@@ -391,19 +501,24 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         seq.finished_time = now
+        del self._live[seq.seq_id]
         self._forget_if_done(seq.request_id)
 
-    def _release_resources(self, seq: Sequence) -> None:
-        self.block_manager.free(seq)
+    def _release_resources(self, seq: Sequence, uncache: bool = False) -> None:
+        self.block_manager.free(seq, uncache=uncache)
         for h in seq.encoder_refs:
             self.encoder_cache.release(h, seq.seq_id)
         seq.encoder_refs.clear()
+        if seq.slot >= 0:
+            self._free_slots.append(seq.slot)
+            seq.slot = -1
 
     def _forget_if_done(self, request_id: str) -> None:
         seqs = self._requests.get(request_id)
         if seqs is not None and all(s.status is SequenceStatus.FINISHED for s in seqs):
             del self._requests[request_id]
             self._held.pop(request_id, None)
+            self._suspects.pop(request_id, None)
 
     # -------------------------------------------------------------------------------------- inspection
 
@@ -441,6 +556,9 @@ class Scheduler:
         for seq in queued:
             assert seq.status is SequenceStatus.WAITING, f"{seq} queued but not WAITING"
             assert not seq.block_table and not seq.encoder_refs, f"{seq} holds resources while queued"
+        slots = sorted(s.slot for s in self.running)
+        assert slots == sorted(set(slots)) and all(s >= 0 for s in slots), "running sequences share slots"
+        assert sorted(slots + self._free_slots) == list(range(self.config.max_num_seqs)), "a slot leaked"
         for seq in self.running:
             assert seq.status is _RUNNING, f"{seq} in the running list but not RUNNING"
             covered = len(seq.block_table) * self.config.block_size
@@ -452,3 +570,14 @@ class Scheduler:
         if not self.has_unfinished():
             assert not queued and not self.running and not self._held, "idle but sequences are queued"
             assert self.block_manager.num_used_blocks == 0, "idle but KV blocks are still in use (leak)"
+
+
+def _media_slices(seq: Sequence, start: int, num_tokens: int) -> list[MediaSlice]:
+    """Which encoder-output rows fill which positions of chunk [start, start + num_tokens)."""
+    out = []
+    end = start + num_tokens
+    for item in seq.mm_inputs:
+        lo, hi = max(start, item.offset), min(end, item.offset + item.length)
+        if lo < hi:
+            out.append(MediaSlice(item.content_hash, lo - start, lo - item.offset, hi - lo))
+    return out

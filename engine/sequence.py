@@ -1,11 +1,15 @@
 """`Sequence`: the engine-side state of one choice (`index`) of a request.
 
 A request with `n` choices becomes `n` sequences sharing the prompt. Invariants:
-  * `token_ids` = prompt + outputs, append-only; `token_ids[:num_prompt_tokens]` is the prompt.
-  * `num_computed_tokens` <= `num_tokens`: tokens whose KV is in the cache. When it reaches
-    `num_tokens` the model has produced logits for the last token and the next one is sampled (so
-    `num_computed_tokens == num_tokens - 1` again). A preemption resets it to 0; at re-admission it
-    starts at the prefix-cache hit and prompt + outputs are recomputed.
+  * `token_ids` = prompt + outputs known to the host, append-only; `token_ids[:num_prompt_tokens]` is the prompt.
+  * `num_placeholders`: tokens sampled by steps still in flight (the overlapped loop schedules step N+1 before
+    step N's token is back); `num_tokens` counts them, so the scheduler plans with the sequence's true length
+    while the runner supplies those tokens from the device. Always 0 in the synchronous loop at schedule time.
+  * `num_computed_tokens` <= `num_tokens`: tokens whose KV is in the cache, or being written by a scheduled
+    step (it advances when a chunk is scheduled). When it reaches `num_tokens` the next token is being sampled
+    (a placeholder is added). A preemption resets it to 0; at re-admission it starts at the prefix-cache hit
+    and prompt + outputs are recomputed.
+  * `slot`: the runner's per-sequence state row while RUNNING (-1 otherwise).
   * `block_table[i]` holds the KV of positions `[i * block_size, (i + 1) * block_size)`; it covers at
     least `num_computed_tokens` positions while RUNNING and is empty while WAITING or FINISHED.
   * `block_hashes[i]` is the chained content hash of full block i (see block_manager.py); it depends
@@ -20,8 +24,6 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 from typing import Any
-
-import torch
 
 from plm_serve.engine.request import FinishReason, MMInput, SamplingParams
 
@@ -47,6 +49,8 @@ class Sequence:
     cache_salt: str | None = None  # see EngineRequest.cache_salt; part of block_hashes[0]
 
     status: SequenceStatus = SequenceStatus.WAITING
+    slot: int = -1
+    num_placeholders: int = 0
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prefix-cache hit (tokens) of the latest admission
     block_table: list[int] = field(default_factory=list)
@@ -61,17 +65,17 @@ class Sequence:
     first_token_time: float | None = None  # time.monotonic() when the first output token was appended
     finished_time: float | None = None
 
-    # Per-sequence RNG for seeded sampling, created lazily by the sampler on its device.
-    generator: torch.Generator | None = None
     # Structured outputs: this choice's grammar matcher (an llguidance.LLMatcher, see structured_output.py).
     grammar: Any = None
 
     @property
     def num_tokens(self) -> int:
-        return len(self.token_ids)
+        """Known tokens plus those being sampled by steps in flight."""
+        return len(self.token_ids) + self.num_placeholders
 
     @property
     def num_output_tokens(self) -> int:
+        """Outputs known to the host."""
         return len(self.token_ids) - self.num_prompt_tokens
 
     @property

@@ -4,7 +4,8 @@ Public API:
     compiler = GrammarCompiler(tokenizer, vocab_size, eos_token_ids)   # thread-safe, LRU-cached
     grammar = compiler.compile(StructuredOutputParams("json_schema", schema_json))  # StructuredOutputError
     seq.grammar = grammar.matcher()                 # one matcher per sequence (choice), in its start state
-    apply_grammar_bitmask(logits, seqs)             # runner: mask the batch's constrained rows, in place
+    mask = grammar_bitmask(seqs, vocab_size, pin)   # core: the allowed tokens of a step's constrained rows
+    apply_grammar_bitmask(logits, row_seq_ids, mask)  # runner: mask those rows of the logits, in place
     done = advance_grammars([(seq, token), ...])    # core: feed sampled tokens; sequences whose grammar ended
 
 Why llguidance (rather than xgrammar): it is one abi3 wheel with no Python dependencies (xgrammar needs
@@ -16,10 +17,11 @@ Where the work happens:
   * Compiling (`GrammarCompiler.compile`) builds an `LLMatcher` in its start state. The server calls it through
     `AsyncEngine.compile_grammar` on a worker thread before it submits the request, so a bad schema is a 400
     and the engine thread finds the grammar in the cache. Every choice deep-copies the cached matcher.
-  * Per step, the runner asks each constrained row's matcher for its token bitmask (llguidance fills them in
-    parallel with the GIL released, while the device is still busy with the forward), copies the int32
-    [R, ceil(V/32)] bitmask to the device once, unpacks it there and sets disallowed logits to -inf, all rows
-    at once: no host sync per row.
+  * Per step, the core asks each constrained row's matcher for its token bitmask (llguidance fills them in
+    parallel with the GIL released) and hands the int32 [R, ceil(V/32)] bitmask to the runner with the step;
+    the runner copies it to the device once, unpacks it there and sets disallowed logits to -inf, all rows at
+    once: no host sync per row. A mask needs the previous token, so while a constrained sequence runs the
+    engine does not overlap steps (engine/core.py).
   * After sampling, each matcher consumes its row's token; a matcher that cannot go on (its grammar is complete,
     e.g. the closing brace of a JSON object) ends the sequence with finish reason "stop".
   * Preemption needs no rollback: the tokens a sequence keeps are exactly those its matcher consumed.
@@ -37,18 +39,27 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import numpy as np
 import torch
 
 from plm_serve.engine.errors import RequestRejectedError
 from plm_serve.engine.request import StructuredOutputParams
+from plm_serve.engine.scheduler_output import GrammarBitmask
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
 
-    from plm_serve.engine.sequence import Sequence as EngineSequence
+
+class _Constrained(Protocol):
+    """What grammar masking reads of a sequence (engine/sequence.py; not imported: the runner imports this)."""
+
+    seq_id: int
+    grammar: Any  # its llguidance.LLMatcher
+
+
+_C = TypeVar("_C", bound=_Constrained)
 
 logger = logging.getLogger(__name__)
 
@@ -193,27 +204,31 @@ def _parallel_executor(llg: Any) -> Any:
         return _executor
 
 
-def apply_grammar_bitmask(logits: torch.Tensor, seqs: Sequence[EngineSequence]) -> None:
-    """Set the logits of tokens a row's grammar forbids to -inf, in place. logits: [B, V], row i = seqs[i].
-
-    Unconstrained rows are untouched; a batch without grammars costs one pass over `seqs`.
-    """
-    rows = [i for i, seq in enumerate(seqs) if seq.grammar is not None]
-    if not rows:
-        return
+def grammar_bitmask(constrained: Sequence[_Constrained], vocab_size: int, pin: bool) -> GrammarBitmask | None:
+    """The allowed tokens of each constrained sequence's next token, filled by the grammar matchers in
+    parallel (the GIL released) into one int32 [R, ceil(V / 32)] host tensor (pinned for a CUDA step)."""
+    if not constrained:
+        return None
     llg = _llguidance()
-    vocab = logits.shape[1]
-    words = (vocab + 31) // 32
-    pin = logits.device.type == "cuda"
+    words = (vocab_size + 31) // 32
     # The caching host allocator keeps a pinned block alive until its asynchronous copy is done.
-    bitmask = torch.empty((len(rows), words), dtype=torch.int32, pin_memory=pin)
-    matchers = [(seqs[row].grammar, j) for j, row in enumerate(rows)]
-    _parallel_executor(llg).unsafe_compute_mask_ptr(matchers, bitmask.data_ptr(), words * 4, len(rows))
+    bits = torch.empty((len(constrained), words), dtype=torch.int32, pin_memory=pin)
+    matchers = [(seq.grammar, row) for row, seq in enumerate(constrained)]
+    _parallel_executor(llg).unsafe_compute_mask_ptr(matchers, bits.data_ptr(), words * 4, len(constrained))
+    return GrammarBitmask([seq.seq_id for seq in constrained], bits)
+
+
+def apply_grammar_bitmask(logits: torch.Tensor, row_seq_ids: list[int], mask: GrammarBitmask) -> None:
+    """Set the logits of tokens a row's grammar forbids to -inf, in place. logits: [B, V], row i samples for
+    `row_seq_ids[i]`; rows without a grammar are untouched. The bitmask goes to the device in one copy."""
+    row_of = {seq_id: row for row, seq_id in enumerate(row_seq_ids)}
+    rows = [row_of[seq_id] for seq_id in mask.seq_ids]
     # The complement's bits are the forbidden tokens: [R, V] bool without a separate negation pass.
-    forbidden = unpack_bitmask(~bitmask.to(logits.device, non_blocking=True), vocab)
-    if len(rows) == logits.shape[0]:
+    forbidden = unpack_bitmask(~mask.bits.to(logits.device, non_blocking=True), logits.shape[1])
+    if rows == list(range(logits.shape[0])):
         logits.masked_fill_(forbidden, float("-inf"))
     else:
+        pin = logits.device.type == "cuda"
         index = torch.tensor(rows, dtype=torch.long, pin_memory=pin).to(logits.device, non_blocking=True)
         logits[index] = logits[index].masked_fill(forbidden, float("-inf"))
 
@@ -239,7 +254,7 @@ def unpack_with_shifts(as_bytes: torch.Tensor) -> torch.Tensor:
     return ((as_bytes.unsqueeze(-1) >> shifts) & 1).flatten(1)
 
 
-def advance_grammars(sampled: Sequence[tuple[EngineSequence, int]]) -> list[EngineSequence]:
+def advance_grammars(sampled: Sequence[tuple[_C, int]]) -> list[_C]:
     """Feed each sequence's sampled token to its matcher; return the sequences whose grammar cannot go on
     (complete, or in error after a token the mask did not allow, which is logged)."""
     pairs = [(seq, token) for seq, token in sampled if seq.grammar is not None]

@@ -11,10 +11,10 @@ from __future__ import annotations
 from plm_serve.engine.attention.kv_cache import KVCache
 from plm_serve.engine.attention.metadata import AttentionMetadata
 from plm_serve.engine.attention.torch_paged import TorchPagedAttention
+from plm_serve.engine.config import ATTENTION_BACKENDS
 from plm_serve.models.attention import Attention
 from plm_serve.models.triton_support import can_launch, triton_importable
 
-BACKENDS = ("auto", "torch", "triton")
 MAX_TRITON_HEAD_DIM = (
     256  # one [16, D] query tile and [BLOCK_N, D] K/V tiles per program must fit in registers
 )
@@ -26,8 +26,10 @@ def resolve_backend(backend: str, kv_cache: KVCache) -> str:
     Raises ValueError for an unknown name, or for "triton" where its kernels cannot run (no Triton, a CPU pool
     outside the interpreter, an odd or too large head_dim).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend not in ATTENTION_BACKENDS:
+        raise ValueError(
+            f"unknown attention backend {backend!r}; choose one of {', '.join(ATTENTION_BACKENDS)}"
+        )
     if backend == "torch":
         return "torch"
     head_dim = kv_cache.data.shape[-1]
@@ -56,7 +58,7 @@ def make_attention(
 
 
 __all__ = [
-    "BACKENDS",
+    "ATTENTION_BACKENDS",
     "AttentionMetadata",
     "KVCache",
     "TorchPagedAttention",

@@ -45,6 +45,10 @@ class TritonPagedAttention:
     views with a contiguous last dim; returns [T, Hq, D].
     """
 
+    # Its kernels read only the metadata's device tensors, and their grids depend only on shapes: a decode step
+    # can be captured once per batch size and replayed with other block tables and context lengths.
+    cuda_graph_safe = True
+
     def __init__(self, kv_cache: KVCache, metadata: AttentionMetadata, num_splits: int | None = None) -> None:
         self.kv = kv_cache
         self.meta = metadata

@@ -72,8 +72,8 @@ def test_a_value_that_fails_inside_the_step_fails_its_request_alone(core):
     for r in requests:
         core.add_request(r)
     # A value that slipped past every boundary check (as `top_k: 2**63` once did): it overflows when the
-    # batched sampling tensors are built, in the middle of everyone's step.
-    poisoned.sampling.top_k = 2**63
+    # runner stages the batch's sampling parameters, in the middle of everyone's step.
+    poisoned.sampling.min_tokens = 2**63
     results: dict[str, tuple[list[int], FinishReason | None]] = {}
     for _ in range(500):
         if not core.has_unfinished():
@@ -90,19 +90,23 @@ def test_a_value_that_fails_inside_the_step_fails_its_request_alone(core):
     core.scheduler.check_integrity()
 
 
-def test_a_fault_after_sampling_is_retried_with_the_seeded_rng_restored(core, monkeypatch):
+def request_ids(core: EngineCore, sched) -> set[str]:
+    return {seq.request_id for c in sched.chunks if (seq := core.scheduler.sequence(c.seq_id)) is not None}
+
+
+def test_a_fault_after_sampling_is_retried_with_the_same_seeded_tokens(core, monkeypatch):
     clean = run(core, mates(core, "clean2"))
-    execute = core.runner.execute
+    launch = core.runner.launch
     calls = {"n": 0}
 
     def faulty(sched):
-        result = execute(sched)  # every seeded generator in the batch has drawn by now
+        pending = launch(sched)  # every row of the batch has sampled by now
         calls["n"] += 1
-        if any(c.seq.request_id == "victim" for c in sched.chunks):
+        if "victim" in request_ids(core, sched):
             raise RuntimeError("simulated fault after sampling")
-        return result
+        return pending
 
-    monkeypatch.setattr(core.runner, "execute", faulty)
+    monkeypatch.setattr(core.runner, "launch", faulty)
     victim = EngineRequest("victim", prompt_ids(core, "Hello there"), SamplingParams(max_tokens=4))
     results = run(core, [*mates(core, "again"), victim])
     assert results["victim"][1] is FinishReason.ERROR
@@ -184,14 +188,14 @@ async def drain(engine: AsyncEngine, request: EngineRequest) -> FinishReason | N
 
 def test_the_breaker_ignores_failures_pinned_on_one_request(ckpt_l):
     engine = make_async(ckpt_l)
-    execute = engine.core.runner.execute
+    launch = engine.core.runner.launch
 
     def poisoned(sched):
-        if any(c.seq.request_id.startswith("poison") for c in sched.chunks):
+        if any(r.startswith("poison") for r in request_ids(engine.core, sched)):
             raise RuntimeError("poisoned request")
-        return execute(sched)
+        return launch(sched)
 
-    engine.core.runner.execute = poisoned
+    engine.core.runner.launch = poisoned
     tok = engine.core.tokenizer
 
     async def main():
@@ -214,7 +218,7 @@ def test_the_breaker_stops_an_engine_whose_every_step_fails(ckpt_l):
     def broken(sched):
         raise RuntimeError("device lost")
 
-    engine.core.runner.execute = broken
+    engine.core.runner.launch = broken
     tok = engine.core.tokenizer
 
     async def main():
@@ -270,15 +274,16 @@ def test_other_threads_never_touch_the_scheduler(ckpt_l):
 
 def test_the_offline_llm_stays_usable_after_a_failed_request(ckpt_l, monkeypatch):
     llm = LLM(ckpt_l, **ENGINE_ARGS)
-    execute = llm.core.runner.execute
+    launch = llm.core.runner.launch
     bad_ids = llm.processor.tokenizer.encode("poison", add_special_tokens=True).ids
+    live = llm.core.scheduler.sequence
 
     def faulty(sched):
-        if any(c.seq.token_ids[: len(bad_ids)] == bad_ids for c in sched.chunks):
+        if any((seq := live(c.seq_id)) and seq.token_ids[: len(bad_ids)] == bad_ids for c in sched.chunks):
             raise RuntimeError("simulated fault")
-        return execute(sched)
+        return launch(sched)
 
-    monkeypatch.setattr(llm.core.runner, "execute", faulty)
+    monkeypatch.setattr(llm.core.runner, "launch", faulty)
     with pytest.raises(RuntimeError, match="failed"):
         llm.generate(["a fine prompt", "poison", "another fine one"], SamplingParams(max_tokens=30))
     assert not llm.core.has_unfinished()  # the rest of the batch was aborted, not left inside

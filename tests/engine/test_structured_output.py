@@ -147,7 +147,9 @@ def test_the_bitmask_masks_exactly_the_constrained_rows(core):
     seqs[1].grammar = grammar.matcher()
     logits = torch.randn(3, vocab)
     before = logits.clone()
-    so.apply_grammar_bitmask(logits, seqs)
+    mask = so.grammar_bitmask([seqs[1]], vocab, pin=False)  # the core's half: only the constrained row
+    assert mask is not None and mask.seq_ids == [1] and mask.bits.shape == (1, (vocab + 31) // 32)
+    so.apply_grammar_bitmask(logits, [s.seq_id for s in seqs], mask)  # the runner's half
     assert torch.equal(logits[0], before[0]) and torch.equal(logits[2], before[2])
     allowed = torch.isfinite(logits[1]).nonzero().squeeze(1).tolist()
     assert {core.tokenizer.decode([t]) for t in allowed} == {"a", "b"}

@@ -323,10 +323,11 @@ def test_cli_serves_the_demo_model_and_drains_on_sigterm(tmp_path):
         events: list[str] = []
         with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, timeout=30) as stream:
             for line in stream.iter_lines():
-                if line.startswith("data: "):
-                    events.append(line[6:])
+                if not line.startswith("data: "):
+                    continue  # the blank line after each event must not count as a second signal
+                events.append(line[6:])
                 if len(events) == 3:
-                    proc.send_signal(signal.SIGTERM)
+                    proc.send_signal(signal.SIGTERM)  # once: a second signal means "exit now"
         assert proc.wait(timeout=30) == 0  # a drain, even one that had to abort, is a clean exit
     finally:
         if proc.poll() is None:
