@@ -1,6 +1,6 @@
 # The two set-up commands of the README:
 #   make serve   # starts the OpenAI-compatible server (a tiny random-weight demo model unless MODEL=... is given)
-#   make test    # lint, import-direction check and the whole CPU test suite
+#   make test    # lint, import-direction check, type check and the whole CPU test suite
 # Both create .venv on first use and install the pinned versions of requirements/constraints.txt.
 
 PYTHON ?= python3
@@ -30,6 +30,7 @@ lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports
+	$(BIN)/python tools/typecheck.py
 
 test: lint
 	$(BIN)/python -m pytest -q $(ARGS)

@@ -152,8 +152,9 @@ class BlockManager:
     def _admit(self, seq: Sequence, num_new_tokens: int, num_cached_tokens: int) -> bool:
         """First allocation of a sequence: share its cached prefix blocks, allocate the rest."""
         assert seq.num_computed_tokens == 0, "a sequence without blocks has nothing computed"
-        hits = [self._lookup(seq, i) for i in range(num_cached_tokens // self.block_size)]
-        assert None not in hits, "the cache changed between match_prefix and allocate"
+        found = [self._lookup(seq, i) for i in range(num_cached_tokens // self.block_size)]
+        hits = [b for b in found if b is not None]
+        assert len(hits) == len(found), "the cache changed between match_prefix and allocate"
         num_new_blocks = self.blocks_needed(num_cached_tokens + num_new_tokens) - len(hits)
         num_touched_free = sum(1 for b in hits if self._ref[b] == 0)
         if num_new_blocks + num_touched_free > len(self._free):
@@ -196,8 +197,9 @@ class BlockManager:
             ref[block_id] -= 1
             if ref[block_id] == 0:
                 self._free[block_id] = None
-                if uncache and self._hash[block_id] is not None:
-                    del self._cached[self._hash[block_id]]
+                block_hash = self._hash[block_id]
+                if uncache and block_hash is not None:
+                    del self._cached[block_hash]
                     self._hash[block_id] = None
                     self._tokens[block_id] = None
                 if self._hash[block_id] is None:

@@ -18,10 +18,11 @@ buffer handling on the CPU.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 
@@ -56,10 +57,10 @@ class CudaGraph:
         self.graph = torch.cuda.CUDAGraph()
 
     @staticmethod
-    def new_pool() -> object:
+    def new_pool() -> Any:
         return torch.cuda.graph_pool_handle()
 
-    def capture(self, fn: Callable[[], torch.Tensor], pool: object) -> torch.Tensor:
+    def capture(self, fn: Callable[[], torch.Tensor], pool: Any) -> torch.Tensor:
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -151,7 +152,7 @@ class DecodeGraphs:
         for bs in reversed(self.buckets):
             graph = self.graph_factory()
             self.static.metadata(bs)  # host mirrors of padding rows: context 0
-            out = graph.capture(lambda bs=bs: self.forward(bs), pool)
+            out = graph.capture(functools.partial(self.forward, bs), pool)
             self._graphs[bs] = (graph, out)
         seconds = time.perf_counter() - t0
         logger.info(

@@ -176,7 +176,8 @@ class ModelRunner:
             top_k=torch.zeros(n, dtype=torch.int64, device=dev), greedy=torch.zeros(n, dtype=torch.bool, device=dev),
             all_greedy=False, topk_rows=None, full_rows=rows, max_top_k=0, use_top_p=True, use_min_p=True,
             use_repetition=True, use_frequency=True, bias=None, banned=None, logprobs=[20] * n, max_logprobs=20,
-            seen=table.seen[:n], counts=table.counts[:n].float(),
+            seen=table.seen[:n] if table.seen is not None else None,
+            counts=table.counts[:n].float() if table.counts is not None else None,
         )  # fmt: skip
 
     # ----------------------------------------------------------------------------------------------- graphs
@@ -203,6 +204,7 @@ class ModelRunner:
 
     def _graph_forward(self, bs: int) -> torch.Tensor:
         """What a decode graph of bucket `bs` runs: the decoder on the static inputs' first bs rows -> [bs, H]."""
+        assert self.graphs is not None, "called by DecodeGraphs.capture"
         s = self.graphs.static
         return self.model(
             self.model.embed_tokens(s.input_ids[:bs]), s.positions[:bs], self._attention(s.metadata(bs))

@@ -67,8 +67,11 @@ class PendingStep:
             return RunnerOutput(
                 num_encoded_tiles=self.num_encoded_tiles, prompt_logprobs=self.prompt_logprobs
             )
-        tokens, logprob, top_ids, top_values = (None if t is None else t.tolist() for t in self._host)
-        sampled = dict(zip(self.seq_ids, tokens, strict=True))
+        token_ids, logprob, top_ids, top_values = self._host
+        assert token_ids is not None  # the other three exist only when a row asked for logprobs
+        host = lambda t: None if t is None else t.tolist()
+        sampled = dict(zip(self.seq_ids, token_ids.tolist(), strict=True))
+        logprob, top_ids, top_values = host(logprob), host(top_ids), host(top_values)
         logprobs = {}
         if logprob is not None:
             rows = logprobs_to_host(self.logprob_counts, logprob, top_ids, top_values)

@@ -236,7 +236,7 @@ class SamplingTable:
     # ------------------------------------------------------------------------------------------- device
     def record(self, rows: SamplingRows, tokens: torch.Tensor) -> None:
         """Count the tokens just sampled (only when a penalty needs counts; other slots' rows are reset at use)."""
-        if self.seen is None:
+        if self.seen is None or self.counts is None:
             return
         self.seen[rows.slots, tokens] = True
         self.counts.index_put_(
@@ -270,12 +270,14 @@ class _Pending:
             t.top_k[slots] = ints[:, 1]
             t.greedy[slots] = ints[:, 2].bool()
             for new, handle in self.penal:
+                seen, counts = t.seen, t.counts
+                assert seen is not None and counts is not None, "stage() allocates them for penalties"
                 tokens = get(handle)
-                t.seen[new.slot] = False
-                t.seen[new.slot, tokens] = True
-                t.counts[new.slot] = 0
+                seen[new.slot] = False
+                seen[new.slot, tokens] = True
+                counts[new.slot] = 0
                 outputs = tokens[new.num_prompt_tokens :]
-                t.counts[new.slot].index_add_(0, outputs, torch.ones_like(outputs, dtype=torch.int32))
+                counts[new.slot].index_add_(0, outputs, torch.ones_like(outputs, dtype=torch.int32))
         slots = get(self.slots)
         optional = lambda h: None if h is None else get(h)
         rows = SamplingRows(
@@ -294,14 +296,16 @@ class _Pending:
             use_min_p=self.use_min_p,
             use_repetition=self.use_repetition,
             use_frequency=self.use_frequency,
-            bias=None if self.bias is None else tuple(get(h) for h in self.bias),
-            banned=None if self.banned is None else tuple(get(h) for h in self.banned),
+            bias=None if self.bias is None else (get(self.bias[0]), get(self.bias[1]), get(self.bias[2])),
+            banned=None if self.banned is None else (get(self.banned[0]), get(self.banned[1])),
             logprobs=self.logprobs,
             max_logprobs=max((k for k in self.logprobs if k is not None), default=-1),
         )
         if self.use_repetition:
+            assert t.seen is not None
             rows.seen = t.seen[slots]
         if self.use_frequency:
+            assert t.counts is not None
             rows.counts = t.counts[slots].float()
         return rows
 
@@ -475,7 +479,9 @@ def logprobs_to_host(
             out.append(None)
             continue
         top = (
-            [] if k == 0 or top_ids is None else list(zip(top_ids[row][:k], top_values[row][:k], strict=True))
+            []
+            if k == 0 or top_ids is None or top_values is None
+            else list(zip(top_ids[row][:k], top_values[row][:k], strict=True))
         )
         out.append((logprob[row], top))
     return out

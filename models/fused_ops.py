@@ -41,7 +41,7 @@ def kernel_mode(mode: str) -> Iterator[None]:
         _mode = previous
 
 
-def _kernels(x: torch.Tensor):  # type: ignore[no-untyped-def]
+def _kernels(x: torch.Tensor):
     """The Triton kernel module when `x` should go through it, else None."""
     if _mode == "torch" or not triton_importable() or (_mode == "auto" and not x.is_cuda):
         return None

@@ -224,7 +224,7 @@ def _safetensors_device(device: torch.device) -> str:
     return str(device)
 
 
-def _progress_bar(count: int, total_bytes: int, progress: bool | None):  # type: ignore[no-untyped-def]
+def _progress_bar(count: int, total_bytes: int, progress: bool | None):
     from tqdm.auto import tqdm
 
     show = total_bytes >= _PROGRESS_MIN_BYTES if progress is None else progress

@@ -117,7 +117,7 @@ class LlamaRotaryEmbedding(nn.Module):
             inv = llama_inv_freq(self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling)
             self.inv_freq.copy_(inv)
 
-    def _apply(self, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def _apply(self, fn, *args, **kwargs):
         # `model.to(bfloat16)` casts every floating buffer; rounding inv_freq would change all angles
         # (transformers keeps it fp32 too), so put back an fp32 copy.
         super()._apply(fn, *args, **kwargs)

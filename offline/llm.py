@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from plm_serve.engine import (
     EngineConfig,
@@ -53,12 +53,13 @@ class LLM:
     ) -> list[RequestOutput]:
         """One conversation (a list of messages) or a list of them. Media parts: `{"type": "image", "image":
         bytes | path}`, `{"type": "video", "video": bytes | path}`, or `ImageInput` / `VideoInput` objects."""
-        if conversations and isinstance(conversations[0], dict):
-            conversations = [conversations]  # type: ignore[list-item]
+        batch = cast(
+            "list[list[dict]]",
+            [conversations] if conversations and isinstance(conversations[0], dict) else conversations,
+        )
         limit = self.core.max_model_len - ((sampling_params or SamplingParams()).max_tokens or 1)
         prompts = [
-            self.processor.process_chat(_media_to_inputs(conv), max_prompt_tokens=limit)
-            for conv in conversations
+            self.processor.process_chat(_media_to_inputs(conv), max_prompt_tokens=limit) for conv in batch
         ]
         return self._run(prompts, sampling_params or SamplingParams())
 
@@ -67,7 +68,7 @@ class LLM:
     ) -> list[RequestOutput]:
         """Plain-text prompts (BOS added like the tokenizer does) or lists of token ids, no chat template."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]  # type: ignore[list-item]
+            prompts = [prompts]
         processed = [
             ProcessedPrompt(token_ids=list(p), media=[])
             if isinstance(p, list)

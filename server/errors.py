@@ -182,7 +182,8 @@ def install_exception_handlers(app: FastAPI) -> None:
     async def on_http(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        err = APIError(exc.status_code, str(exc.detail), code=code, headers=exc.headers)
+        headers = dict(exc.headers) if exc.headers else None
+        err = APIError(exc.status_code, str(exc.detail), code=code, headers=headers)
         return err.response()
 
     async def on_disconnect(request: Request, exc: Exception) -> Response:

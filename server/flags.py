@@ -86,7 +86,7 @@ def settings() -> dict[str, Setting]:
                 continue
             assert f.name not in out, f"setting {f.name} is defined twice"
             kind, optional, choices = _kind(hints[f.name])
-            default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc,operator]
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[operator]
             out[f.name] = Setting(f.name, group, kind, optional, choices, default, docs.get(f.name, ""))
     return out
 
@@ -112,7 +112,7 @@ def field_docs(cls: type) -> dict[str, str]:
     for node, after in itertools.pairwise(body):
         is_doc = isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
         if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and is_doc:
-            docs[node.target.id] = " ".join(str(after.value.value).split())  # type: ignore[attr-defined]
+            docs[node.target.id] = " ".join(str(after.value.value).split())
     return docs
 
 

@@ -80,7 +80,7 @@ def build_document(app: FastAPI, config: ServerConfig) -> dict[str, Any]:
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
     for name in ("HTTPValidationError", "ValidationError"):
         schemas.pop(name, None)
-    models = [
+    models: list[type[BaseModel]] = [
         ErrorResponse,
         ChatCompletionResponse,
         ChatCompletionChunk,

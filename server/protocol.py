@@ -15,7 +15,7 @@ before this, in `strict_json.py`.)
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field, field_validator
 
@@ -116,6 +116,7 @@ class _SamplingMixin:
     model, in OpenAI's order)."""
 
     if TYPE_CHECKING:  # declared (in OpenAI's order) by each request model; pydantic must not see them here
+        model_fields: ClassVar[dict[str, Any]]
         frequency_penalty: float | None
         logit_bias: dict[str, float] | None
         n: int | None
