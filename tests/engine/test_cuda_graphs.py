@@ -122,3 +122,25 @@ def test_batches_beyond_the_largest_bucket_and_mixed_steps_run_eagerly(ckpt_l, p
     core.runner.graphs.buckets = [1, 2]  # now 3 decodes exceed the largest bucket
     core.step()
     assert replays() == 0
+
+
+def test_the_cuda_configuration_gives_the_reference_tokens(ckpt_l, prompts):
+    """What CUDA runs by default, on the CPU: the Triton attention backend (in the interpreter) captured in the
+    stand-in decode graphs, with the overlapped loop. The tokens equal the torch backend's, eager and
+    synchronous. (Text only: the interpreter is slow, and media prefill through Triton is in
+    test_triton_backend.py.)"""
+    text, _, _, _, system = prompts
+    reqs = lambda: [
+        fx.request(text, "text", max_tokens=4, min_tokens=4),
+        fx.request(system, "seeded", max_tokens=3, min_tokens=3, temperature=1.0, top_k=20, seed=5),
+    ]
+    small = dict(max_num_seqs=2, max_prefill_tokens_per_decode_step=None)
+    reference_tokens = run(
+        make_core(ckpt_l, graphs=False, attention_backend="torch", overlap_scheduling=False, **small), reqs()
+    )
+    core = make_core(ckpt_l, graphs=True, attention_backend="triton", overlap_scheduling=True, **small)
+    assert core.runner.attention_backend == "triton" and core.overlap
+    graphs = core.runner.graphs
+    assert graphs is not None
+    assert run(core, reqs()) == reference_tokens
+    assert sum(g.replays for g, _ in graphs._graphs.values()) > 0
