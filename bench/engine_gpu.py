@@ -23,7 +23,6 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from plm_serve.engine import EngineConfig, EngineCore, EngineRequest, MMInput, SamplingParams
-from plm_serve.engine.attention import TorchPagedAttention
 from plm_serve.engine.model_runner import ModelRunner
 from plm_serve.engine.scheduler_output import NewSequence, ScheduledChunk, SchedulerOutput
 from plm_serve.models import PerceptionLM, PLMConfig
@@ -89,15 +88,12 @@ def bench_tokenizer(vocab_size: int) -> Tokenizer:
     return tok
 
 
-def make_core(
-    model: PerceptionLM, tokenizer: Tokenizer, reference_attention: bool = False, **config
-) -> EngineCore:
-    """An engine around an already loaded model (several engines, one after the other, share its weights)."""
+def make_core(model: PerceptionLM, tokenizer: Tokenizer, **config) -> EngineCore:
+    """An engine around an already loaded model (several engines, one after the other, share its weights).
+    `attention_backend="torch"` is the reference path whatever "auto" would pick."""
     device, dtype = model.device, model.dtype
     cfg = EngineConfig(model="<in memory>", device=device.type, **config)
     runner = ModelRunner(model, cfg, device, dtype)
-    if reference_attention:  # the torch reference backend whatever the selector would pick
-        runner._attention = lambda metadata: TorchPagedAttention(runner.kv_cache, metadata)
     return EngineCore(cfg, runner, tokenizer, model.config)
 
 

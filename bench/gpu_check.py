@@ -152,7 +152,7 @@ def section_diagnosis(c: Context) -> None:
     step), plus the profiler's top ops. If (A) >> (B) ~ (C), per-step cuDNN graph rebuilds are the cost."""
     batch, ctx = c.plan.diag
     core = c.core(
-        reference_attention=True, enable_cuda_graphs=False, overlap_scheduling=False, max_num_seqs=batch,
+        attention_backend="torch", enable_cuda_graphs=False, overlap_scheduling=False, max_num_seqs=batch,
         num_kv_blocks=_blocks(batch, ctx + 4 * c.plan.steps), max_num_batched_tokens=max(16384, batch * ctx),
     )  # fmt: skip
     long_enough = eg.SamplingParams(max_tokens=4 * c.plan.steps + 16, ignore_eos=True)
@@ -250,7 +250,7 @@ def section_identity(c: Context) -> None:
     runs = {}
     for name, config in (
         ("graph", {}), ("eager", {"enable_cuda_graphs": False}),
-        ("reference", {"enable_cuda_graphs": False, "reference_attention": True}),
+        ("reference", {"enable_cuda_graphs": False, "attention_backend": "torch"}),
     ):  # fmt: skip
         core = c.core(max_num_seqs=n, num_kv_blocks=_blocks(n, prompt + out), **config)
         runs[name] = (eg.run_closed_loop(core, requests, n, out).tokens, type(core.runner._attention(_probe(core))).__name__,
