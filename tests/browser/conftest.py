@@ -14,16 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-import socket
-import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import uvicorn
-from fastapi import FastAPI
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 
@@ -32,7 +27,7 @@ from plm_serve.processors import Processor
 from plm_serve.server.app import create_app
 from plm_serve.server.config import ServerConfig
 from tests.server.fake_engine import FakeEngine
-from tests.server.test_live import wait_healthy
+from tests.server.live_server import serving_in_thread
 
 CHROMIUM = shutil.which("chromium")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -64,23 +59,6 @@ class Live:
     engine: AsyncEngine | FakeEngine
 
 
-@contextmanager
-def serving(app: FastAPI) -> Iterator[str]:
-    """uvicorn on a free loopback port in a thread; yields the base URL once /health answers 200."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        wait_healthy(base_url, 60)
-        yield base_url
-    finally:
-        server.should_exit = True
-        thread.join(30)
-
-
 @pytest.fixture(scope="session")
 def live(ckpt_l) -> Iterator[Live]:
     """The real engine on the tiny checkpoint, behind an API key."""
@@ -96,7 +74,7 @@ def live(ckpt_l) -> Iterator[Live]:
     )
     config = ServerConfig(model=str(ckpt_l), served_model_name=MODEL, api_key=API_KEY)
     try:
-        with serving(create_app(config, engine)) as base_url:
+        with serving_in_thread(create_app(config, engine)) as base_url:
             yield Live(base_url, engine)
     finally:
         asyncio.run(engine.shutdown(1.0))
@@ -107,7 +85,9 @@ def failing_live(ckpt_l) -> Iterator[Live]:
     """A scripted engine whose generation fails at its fourth token (the error arrives inside the stream)."""
     engine = FakeEngine(error_at_step=3, step_delay_s=0.02)
     config = ServerConfig(model=str(ckpt_l), served_model_name=MODEL)
-    with serving(create_app(config, engine, processor=Processor.from_pretrained(ckpt_l))) as base_url:
+    with serving_in_thread(
+        create_app(config, engine, processor=Processor.from_pretrained(ckpt_l))
+    ) as base_url:
         yield Live(base_url, engine)
 
 

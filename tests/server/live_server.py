@@ -1,16 +1,19 @@
-"""A real `plm-serve` process on a loopback port, for tests that need the CLI, signals or a pooled client."""
+"""Live servers on loopback ports: a real `plm-serve` process (for tests that need the CLI, signals or a pooled
+client), or an app served by uvicorn in a thread of the test process (`serving_in_thread`)."""
 
 from __future__ import annotations
 
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import uvicorn
 
 
 def free_port() -> int:
@@ -31,6 +34,23 @@ def wait_healthy(base_url: str, timeout_s: float, proc: subprocess.Popen | None 
             pass
         time.sleep(0.05)
     raise TimeoutError(f"{base_url} did not become healthy in {timeout_s}s")
+
+
+@contextmanager
+def serving_in_thread(app: object, log_level: str = "warning") -> Iterator[str]:
+    """uvicorn serving `app` in a daemon thread on a free loopback port; yields the base URL once /health is 200."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level))  # type: ignore[arg-type]
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        wait_healthy(base_url, 60)
+        yield base_url
+    finally:
+        server.should_exit = True
+        thread.join(30)
 
 
 @contextmanager

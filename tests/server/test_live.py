@@ -10,7 +10,6 @@ import http.server
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,7 +20,6 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from plm_serve.engine import AsyncEngine, EngineConfig, SamplingParams
 from plm_serve.offline import LLM
@@ -29,7 +27,7 @@ from plm_serve.processors import ImageInput, Processor, VideoInput
 from plm_serve.server.app import create_app
 from plm_serve.server.config import ServerConfig
 from tests.server import media
-from tests.server.live_server import free_port, wait_healthy
+from tests.server.live_server import free_port, serving_in_thread, wait_healthy
 
 MODEL = "plm-tiny"
 ENGINE_ARGS = {"device": "cpu", "dtype": "float32", "num_kv_blocks": 1024, "max_num_batched_tokens": 4096}
@@ -60,18 +58,10 @@ def live(ckpt_l):
         report_cached_tokens=True,
     )
     app = create_app(config, engine)  # the lifespan loads the processor from the checkpoint
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
     try:
-        wait_healthy(base_url, 60)
-        yield Live(base_url, engine, app.state.ctx.processor)
+        with serving_in_thread(app) as base_url:
+            yield Live(base_url, engine, app.state.ctx.processor)
     finally:
-        server.should_exit = True
-        thread.join(30)
         asyncio.run(engine.shutdown(1.0))
 
 
