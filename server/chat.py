@@ -9,8 +9,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
@@ -26,7 +24,7 @@ from plm_serve.processors import TokenBytes
 from plm_serve.server import sse
 from plm_serve.server.deps import ServerContext
 from plm_serve.server.errors import bad_request
-from plm_serve.server.limits import check_caps, request_cache_salt, with_output_budget
+from plm_serve.server.limits import check_caps, request_cache_salt
 from plm_serve.server.logprobs import chat_logprobs, prompt_logprobs_out
 from plm_serve.server.metrics import RequestRecorder
 from plm_serve.server.protocol import (
@@ -40,13 +38,7 @@ from plm_serve.server.protocol import (
     Delta,
 )
 from plm_serve.server.protocol_tools import FunctionCallDelta, FunctionCallOut, ToolCallDelta, ToolCallOut
-from plm_serve.server.request_common import (
-    SYSTEM_FINGERPRINT,
-    constrain,
-    engine_request,
-    load_messages,
-    max_prompt_tokens,
-)
+from plm_serve.server.request_common import SYSTEM_FINGERPRINT, chat_engine_request, constrain
 from plm_serve.server.runner import (
     UsageCounter,
     cancel_on_disconnect,
@@ -108,14 +100,9 @@ async def build_request(
     param = answer[1] if answer is not None else "tool_choice"
     grammar = plan.grammar(answer[0] if answer is not None else None, param)
     params = await constrain(params, engine, grammar, param, body.prompt_logprobs)
-    limit = max_prompt_tokens(params, engine.max_model_len)
-    messages = await load_messages(body.messages, ctx)
-    process = functools.partial(
-        ctx.processor.process_chat, messages, tools=plan.prompt_tools, max_prompt_tokens=limit
+    return await chat_engine_request(
+        body.messages, params, plan.prompt_tools, ctx, engine, request_id, arrival, cache_salt
     )
-    prompt = await asyncio.get_running_loop().run_in_executor(ctx.executor, process)
-    params = with_output_budget(params, len(prompt.token_ids), engine.max_model_len, ctx.config)
-    return engine_request(request_id, prompt, params, arrival, cache_salt)
 
 
 # ------------------------------------------------------------------------------------------------ responses

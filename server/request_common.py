@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 from typing import Any
 
 from plm_serve.engine import (
@@ -19,6 +20,7 @@ from plm_serve.engine import (
 from plm_serve.processors import ImageInput, ProcessedPrompt, VideoInput
 from plm_serve.server.deps import ServerContext
 from plm_serve.server.errors import APIError, bad_request
+from plm_serve.server.limits import with_output_budget
 from plm_serve.server.protocol import ChatMessage, ImageURLPart, TextPart, VideoURLPart
 
 SYSTEM_FINGERPRINT = "plm-serve"
@@ -65,6 +67,27 @@ def engine_request(
     return EngineRequest(
         request_id, list(prompt.token_ids), params, media, arrival_time=arrival, cache_salt=cache_salt
     )
+
+
+async def chat_engine_request(
+    messages: list[ChatMessage],
+    params: SamplingParams,
+    tools: list[dict[str, Any]] | None,
+    ctx: ServerContext,
+    engine: EngineClient,
+    request_id: str,
+    arrival: float,
+    cache_salt: str | None,
+) -> EngineRequest:
+    """Chat messages -> the engine request: media fetched, the template applied (on the executor, within what
+    `max_tokens` leaves of the context), then `max_tokens` fitted to what the prompt leaves."""
+    assert ctx.processor is not None
+    limit = max_prompt_tokens(params, engine.max_model_len)
+    loaded = await load_messages(messages, ctx)
+    process = functools.partial(ctx.processor.process_chat, loaded, tools=tools, max_prompt_tokens=limit)
+    prompt = await asyncio.get_running_loop().run_in_executor(ctx.executor, process)
+    params = with_output_budget(params, len(prompt.token_ids), engine.max_model_len, ctx.config)
+    return engine_request(request_id, prompt, params, arrival, cache_salt)
 
 
 async def load_messages(messages: list[ChatMessage], ctx: ServerContext) -> list[dict[str, Any]]:

@@ -19,8 +19,6 @@ event. There is no `[DONE]` line (the Responses API has none).
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import json
 import time
 import uuid
@@ -35,11 +33,11 @@ from fastapi.responses import JSONResponse, Response
 from plm_serve.engine import EngineClient, EngineRequest, SamplingParams, StepOutput
 from plm_serve.server.deps import ServerContext
 from plm_serve.server.errors import bad_request, from_exception
-from plm_serve.server.limits import check_caps, request_cache_salt, with_output_budget
+from plm_serve.server.limits import check_caps, request_cache_salt
 from plm_serve.server.metrics import RequestRecorder
 from plm_serve.server.protocol import ChatMessage, ImageURL, ImageURLPart, TextPart
 from plm_serve.server.protocol_tools import FunctionCallIn, JsonSchemaFormat, ResponseFormat, ToolCallIn
-from plm_serve.server.request_common import constrain, engine_request, load_messages, max_prompt_tokens
+from plm_serve.server.request_common import chat_engine_request, constrain
 from plm_serve.server.responses_protocol import (
     FunctionCallItem,
     FunctionCallOutputItem,
@@ -136,14 +134,9 @@ async def build_request(
         raise bad_request(str(exc), param=str(exc).split(" ", 1)[0]) from None
     check_caps(params, ctx.config)
     params = await constrain(params, engine, plan.grammar(answer, param), param)
-    limit = max_prompt_tokens(params, engine.max_model_len)
-    messages = await load_messages(chat_messages(body), ctx)
-    process = functools.partial(
-        ctx.processor.process_chat, messages, tools=plan.prompt_tools, max_prompt_tokens=limit
+    return await chat_engine_request(
+        chat_messages(body), params, plan.prompt_tools, ctx, engine, request_id, arrival, cache_salt
     )
-    prompt = await asyncio.get_running_loop().run_in_executor(ctx.executor, process)
-    params = with_output_budget(params, len(prompt.token_ids), engine.max_model_len, ctx.config)
-    return engine_request(request_id, prompt, params, arrival, cache_salt)
 
 
 def chat_messages(body: ResponsesRequest) -> list[ChatMessage]:
