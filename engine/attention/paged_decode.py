@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from plm_serve.engine.attention.paged_tiles import load_kv_tile, online_softmax_update
 from plm_serve.models.triton_support import dot_precision, next_power_of_2, upcast_dots
 
 _LOG2E = 1.4426950408889634
@@ -85,38 +86,13 @@ def _decode_split_kernel(
     for n0 in range(start, end, BLOCK_N):
         pos = n0 + tl.arange(0, BLOCK_N)
         valid = pos < end
-        blk = tl.load(table + pos // PAGE, mask=valid, other=0).to(tl.int64)
-        off = pos % PAGE
-        kv_ok = valid[:, None] & dim_ok[None, :]
-        k = tl.load(
-            k_cache_ptr
-            + blk[:, None] * stride_kb
-            + off[:, None] * stride_ks
-            + kvh * stride_kh
-            + dims[None, :],
-            mask=kv_ok,
-            other=0.0,
-        )
-        v = tl.load(
-            v_cache_ptr
-            + blk[:, None] * stride_vb
-            + off[:, None] * stride_vs
-            + kvh * stride_vh
-            + dims[None, :],
-            mask=kv_ok,
-            other=0.0,
-        )
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k, v = load_kv_tile(
+            k_cache_ptr, v_cache_ptr, table, pos, valid, dims, dim_ok, kvh,
+            stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, PAGE, UPCAST,
+        )  # fmt: skip
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2  # [BLOCK_H, BLOCK_N]
         s = tl.where(valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_update(s, v, m_i, l_i, acc, DOT_PREC)
 
     # An empty range (context 0, or a split past the end of a short context) leaves l_i = 0 and acc = 0.
     has_keys = l_i > 0.0
