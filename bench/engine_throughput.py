@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import platform
 import time
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import source_tree  # bench/ is first on sys.path when a script here runs
 
 source_tree.ensure_importable()
 
+from bench.machine import cpu_model
 from plm_serve.engine import EngineConfig, EngineCore
 from tests import reference
 from tests.engine import engine_fixtures as fx
@@ -155,7 +155,7 @@ def main() -> None:
     lines = [
         f"# Engine throughput, {datetime.date.today()}",
         "",
-        f"Machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"Machine: {cpu_model()}, {torch.get_num_threads()} threads, "
         f"device {args.device}, dtype {args.dtype}, torch {torch.__version__}",
         f"Checkpoint: {ckpt.name}; {args.num_requests} requests (half with a 640x480 image), "
         f"{prompt_tokens} prompt tokens in all, {args.output_tokens} output tokens each (greedy, EOS masked)",

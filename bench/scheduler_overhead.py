@@ -26,6 +26,7 @@ import torch
 
 source_tree.ensure_importable()
 
+from bench.machine import cpu_model
 from plm_serve.engine.config import EngineConfig
 from plm_serve.engine.device_state import DeviceBatchState
 from plm_serve.engine.request import EngineRequest, SamplingParams
@@ -38,18 +39,19 @@ PROMPT_LEN = 500
 SHARED_PREFIX = 256
 BATCHES = (1, 32, 256)
 CPU = torch.device("cpu")
+MAX_MODEL_LEN = 11520  # the released checkpoints' context length
 
 
 def build(batch: int, steps: int) -> tuple[Scheduler, DeviceBatchState]:
     """A scheduler with `batch` sequences that finished their prefill and are ready to decode."""
     max_tokens = steps + 8
     config = EngineConfig(
-        model="stub", max_num_seqs=max(batch, 1), max_num_batched_tokens=16384,
+        model="stub", max_num_seqs=max(batch, 1), max_num_batched_tokens=16384, max_model_len=MAX_MODEL_LEN,
         max_prefill_tokens_per_decode_step=None,  # admit them all quickly: the decode steps are measured
     )  # fmt: skip
     blocks_per_seq = -(-(PROMPT_LEN + max_tokens) // config.block_size)
     sched = Scheduler(config, num_blocks=batch * blocks_per_seq + 64, eos_token_ids=EOS)
-    state = DeviceBatchState(config.max_num_seqs, 11520, config.block_size, VOCAB, CPU, EOS)
+    state = DeviceBatchState(config.max_num_seqs, MAX_MODEL_LEN, config.block_size, VOCAB, CPU, EOS)
     rng = random.Random(0)
     shared = [rng.randrange(1000, 100000) for _ in range(SHARED_PREFIX)]
     for i in range(batch):
@@ -110,16 +112,6 @@ def table(rows: list[tuple[int, dict[str, float]]]) -> str:
             f"| {total:.1f} | {total / batch:.2f} | {verdict} |"
         )
     return "\n".join(lines)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:

@@ -1,8 +1,8 @@
 """CPU cost of structured outputs per decode step: the grammar mask of the batch and the matcher advance.
 
 Every row of the batch follows the same JSON schema (an object of an enum, a bounded integer, a boolean, a bounded
-string and an array, like a tool call's arguments); each step, `apply_grammar_bitmask` fills the rows' bitmasks
-(llguidance, in parallel), unpacks them and masks [B, 128256] fp32 logits, then `advance_grammars` feeds each row
+string and an array, like a tool call's arguments); each step, `grammar_bitmask` fills the rows' bitmasks
+(llguidance, in parallel) and `apply_grammar_bitmask` unpacks them and masks [B, 128256] fp32 logits, then `advance_grammars` feeds each row
 the next token of a valid answer (a matcher that finishes starts over). Also timed once: building llguidance's
 tokenizer for the 128k vocabulary and compiling the schema.
 
@@ -28,9 +28,15 @@ source_tree.ensure_importable()
 
 from tokenizers import Tokenizer
 
+from bench.machine import cpu_model
 from plm_serve.engine.request import SamplingParams, StructuredOutputParams
 from plm_serve.engine.sequence import Sequence
-from plm_serve.engine.structured_output import GrammarCompiler, advance_grammars, apply_grammar_bitmask
+from plm_serve.engine.structured_output import (
+    GrammarCompiler,
+    advance_grammars,
+    apply_grammar_bitmask,
+    grammar_bitmask,
+)
 from tests import reference
 
 VOCAB = 128256
@@ -66,10 +72,13 @@ def measure(compiler: GrammarCompiler, answer: list[int], batch: int, steps: int
         seq.grammar = grammar.matcher()
         assert seq.grammar.consume_tokens(answer[:pos])
     logits = torch.zeros(batch, VOCAB)
+    row_seq_ids = [s.seq_id for s in seqs]
     mask_ns = advance_ns = 0
     for _ in range(steps):
         t0 = time.perf_counter_ns()
-        apply_grammar_bitmask(logits, seqs)
+        mask = grammar_bitmask(seqs, VOCAB, pin=False)  # the core's half of the step
+        assert mask is not None
+        apply_grammar_bitmask(logits, row_seq_ids, mask)  # the runner's half
         t1 = time.perf_counter_ns()
         done = advance_grammars([(s, answer[p]) for s, p in zip(seqs, positions, strict=True)])
         t2 = time.perf_counter_ns()
@@ -79,16 +88,6 @@ def measure(compiler: GrammarCompiler, answer: list[int], batch: int, steps: int
             if seq in done or positions[i] == len(answer):
                 seq.grammar, positions[i] = grammar.matcher(), 0
     return mask_ns / steps / 1000, advance_ns / steps / 1000
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:

@@ -10,20 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 from pathlib import Path
+
+from bench.machine import cpu_model
 
 
 def hardware(device: str) -> str:
     """CPU model and core count of this machine, plus the GPU when the servers run on one."""
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.partition(":")[2].strip()
-                break
-    except OSError:
-        pass
+    model = cpu_model()
     text = f"CPU: {model}, {os.cpu_count()} cores"
     if device.startswith("cuda"):
         import torch
