@@ -261,29 +261,26 @@ class EngineCore:
     def _recover(self, launched: SchedulerOutput | None, exc: Exception) -> list[StepOutput]:
         """A step raised: roll back every step in flight, fail the request to blame, suspect the others.
 
-        The request to blame is the one that ran alone (a suspect) or the only request of the lost steps. A
-        failure is unattributed (it may be the runner's, not a request's) when it is a lone request's first,
-        or when it fails a suspect before any step has succeeded since the roll-back that made it one."""
+        The request to blame is the one that ran alone (a suspect) or the only request the lost steps touched
+        (their chunks and the media they encoded). A failure is unattributed (it may be the runner's, not a
+        request's) when it is a lone request's first, when it fails a suspect before any step has succeeded
+        since the roll-back that made it one, or when the lost steps touched no request at all."""
         lost = [s for s, _ in self._in_flight]
         if launched is not None and not any(s is launched for s in lost):  # its launch raised
             lost.append(launched)
         self._in_flight.clear()
         self.runner.discard_staged()
         seq_ids = [c.seq_id for s in lost for c in s.chunks]
-        request_ids = list(
-            dict.fromkeys(seq.request_id for i in seq_ids if (seq := self.scheduler.sequence(i)))
-        )
-        isolated = [s.isolated for s in lost if s.isolated is not None]
-        blamed = isolated or (request_ids if len(request_ids) == 1 else [])
-        logger.exception(
-            "engine step failed (%d requests); %s", len(request_ids),
-            f"failing {blamed}" if blamed else "rolling back and running each request alone",
-        )  # fmt: skip
         encoded = [m.content_hash for s in lost for m in s.encoder_inputs]
-        self.scheduler.roll_back(
-            seq_ids, encoded
-        )  # also for the blamed: blocks the lost steps wrote are void
-        if blamed and (not isolated or not self._runner_ok_since_fault):
+        # Also for the request to blame: blocks and encodings the lost steps wrote are void.
+        touched = self.scheduler.roll_back(seq_ids, encoded)
+        isolated = [s.isolated for s in lost if s.isolated is not None]
+        blamed = isolated or (touched if len(touched) == 1 else [])
+        logger.exception(
+            "engine step failed (%d requests); %s", len(touched),
+            f"failing {blamed}" if blamed else "rolled back: each request runs alone until it gets a token",
+        )  # fmt: skip
+        if not touched or (blamed and (not isolated or not self._runner_ok_since_fault)):
             self.unattributed_failure = exc
         if not blamed:
             self._runner_ok_since_fault = False

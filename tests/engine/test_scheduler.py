@@ -761,3 +761,40 @@ def test_running_streams_keep_their_pace_while_a_large_image_prompt_arrives() ->
     assert max(gaps) <= 2 * steady, (max(gaps), steady)
     assert sum(gaps) < 100, sum(gaps)  # the image's time to first token in the estimate (ms)
     assert all(s.num_output_tokens >= steps for s in streams)
+
+
+# ------------------------------------------------------------------------------------------ fault isolation
+
+
+def test_rolled_back_steps_recompute_the_same_tokens_with_each_suspect_alone() -> None:
+    """Two steps in flight are lost (their tokens never arrive, their blocks and encodings are void): every
+    sequence recomputes to the reference tokens, each request first runs alone until it gets a token, and
+    nothing leaks. The lost encoding is dropped and encoded again, never served from the voided entry."""
+    sched = Scheduler(config(), num_blocks=128, eos_token_ids={EOS})
+    runner = FakeRunner(sched)
+    prompts = {"a": list(range(10, 40)), "m": mm_prompt([1, 2, 3], 12, [7] * 6), "b": list(range(50, 61))}
+    reqs = [
+        request("a", prompts["a"], max_tokens=6),
+        request("m", prompts["m"], [image("img", 3, 12, tiles=2)], max_tokens=6),
+        request("b", prompts["b"], max_tokens=6),
+    ]
+    seqs = {r.request_id: sched.add_request(r)[0] for r in reqs}
+    lost = [sched.schedule(), sched.schedule()]  # the prefills (and the image), then the first decodes
+    for out in lost:  # they run (KV written, the image encoded), but their tokens never arrive
+        runner.launch(out)
+    assert "img" in [m.content_hash for out in lost for m in out.encoder_inputs]
+    seq_ids = [c.seq_id for out in lost for c in out.chunks]
+    encoded = [m.content_hash for out in lost for m in out.encoder_inputs]
+    assert sorted(sched.roll_back(seq_ids, encoded)) == ["a", "b", "m"]
+    sched.check_integrity()
+    alone: list[str] = []
+    while sched.has_suspects:
+        out = step(sched, runner)
+        names = {runner.names[c.seq_id] for c in out.chunks}
+        assert out.isolated is not None and names <= {out.isolated}, "a suspect ran with others"
+        alone.append(out.isolated)
+    assert set(alone) == {"a", "b", "m"}
+    run(sched, runner)
+    for rid, seq in seqs.items():
+        assert seq.token_ids[seq.num_prompt_tokens :] == reference_output(prompts[rid], 6), rid
+    assert sched.block_manager.num_used_blocks == 0
