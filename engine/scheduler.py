@@ -8,7 +8,8 @@ Public API:
     got = sched.update(out, {seq_id: token_id})  # append, stop checks, free finished; -> sequences with a token
     sched.finish(seq, FinishReason.STOP)       # the core found a stop string
     sched.abort_request(request_id) -> list[Sequence]  # idempotent
-    sched.sequence(seq_id), has_unfinished(), num_running, num_waiting, stats(), check_integrity()
+    sched.roll_back(seq_ids, encoded_hashes) -> list[str]  # steps lost to a fault: recompute, suspect
+    sched.sequence(seq_id), has_unfinished(), has_suspects, num_running, num_waiting, stats(), check_integrity()
 
 `schedule()` advances each scheduled sequence at once (its computed tokens, and a placeholder for the token
 a sampling chunk will produce), so the next `schedule()` may run before this step's tokens are back: the
@@ -176,12 +177,13 @@ class Scheduler:
         """Pick the chunks of this step and advance their sequences (see the module docstring).
 
         While requests are suspected of a fault (`roll_back`), the oldest of them runs alone in the step, and
-        when it cannot run yet (no blocks, say), the step runs everyone else instead."""
-        for only in (next(iter(self._suspects), None), None) if self._suspects else (None,):
-            out = self._schedule(only)
-            if out.chunks or only is None:
+        when it has nothing to do yet (no blocks, say), the step runs everyone else instead. An isolated step
+        that only starts the suspect's encodings is returned as it is: those must reach the runner."""
+        if self._suspects:
+            out = self._schedule(next(iter(self._suspects)))
+            if out.has_work:
                 return out
-        raise AssertionError("unreachable")
+        return self._schedule(None)
 
     def _schedule(self, only: str | None) -> SchedulerOutput:
         """One step; `only`: the request to run alone, or None for every request but the suspects."""
