@@ -12,9 +12,10 @@ token N is sampling, and the runner reads those tokens on the device, so the out
 the synchronous loop, only one step later. Work scheduled for a sequence that N finishes (EOS, a stop string, an
 abort) is wasted and its result dropped. No KV block is overwritten while a step that reads it is in flight: the
 device runs the steps' kernels in launch order on one stream, so a block freed (and reallocated) by the host
-between launching N and N+1 is written by N+1 only after N has finished with it. The loop runs synchronously
-while a grammar-constrained sequence is unfinished (its mask needs the previous token on the host) and while a
-request is suspected of a fault (below).
+between launching N and N+1 is written by N+1 only after N has finished with it. A grammar-constrained sequence
+sits out the step after each of its tokens (its next mask needs that token on the host: Scheduler
+`_waits_for_token`), so it decodes every other step while the others keep the overlap. The loop runs
+synchronously while a request is suspected of a fault (below).
 
 Fault isolation: a step that raises (at launch, or when its results are collected) must not fail the requests
 that did nothing wrong. Its sequences are rolled back to their last applied token (`Scheduler.roll_back`: they
@@ -215,15 +216,15 @@ class EngineCore:
 
     def _overlaps(self) -> bool:
         """Whether the next step may be launched before the previous one's tokens are back."""
-        if self._constrained:  # drop the finished ones: their masks are no longer needed
-            live = self.scheduler.sequence
-            self._constrained = {i: s for i, s in self._constrained.items() if live(i) is not None}
-        return self.overlap and not self._constrained and not self.scheduler.has_suspects
+        return self.overlap and not self.scheduler.has_suspects
 
     def _grammar_bitmask(self, sched: SchedulerOutput) -> GrammarBitmask | None:
-        """The allowed tokens of the step's grammar-constrained sampling rows (None when it has none)."""
+        """The allowed tokens of the step's grammar-constrained sampling rows (None when it has none). Each
+        such row's previous token has been applied: the scheduler runs it only then."""
         if not self._constrained:
             return None
+        live = self.scheduler.sequence  # forget the finished ones
+        self._constrained = {i: s for i, s in self._constrained.items() if live(i) is not None}
         constrained = [
             self._constrained[c.seq_id] for c in sched.chunks if c.sample and c.seq_id in self._constrained
         ]

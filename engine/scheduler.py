@@ -25,7 +25,8 @@ long (image) prompt is spread over several steps instead of stalling every strea
 blocks run out for a running sequence, the newest running sequence is preempted (recompute) and requeued at
 the front; nothing new is admitted in a step that preempted. n > 1: choices 1..n-1 are held back until
 choice 0's prompt prefill is done, then queued at the front so their prompt hits the prefix cache (sharing the
-prompt's full blocks). A sequence whose in-flight token will end it by length is not scheduled again.
+prompt's full blocks). A sequence whose in-flight token will end it by length, or whose grammar must see that
+token first, is not scheduled until the token is back.
 
 Media: with an asynchronous encoder (`encode_ahead`, set by the engine when the runner encodes on its own
 CUDA stream) a chunk stops before an image whose encoding was scheduled this step or is still running
@@ -211,12 +212,16 @@ class Scheduler:
         )
 
     def _is_decode(self, seq: Sequence) -> bool:
-        return seq.num_tokens - seq.num_computed_tokens == 1 and not self._ends_in_flight(seq)
+        return seq.num_tokens - seq.num_computed_tokens == 1 and not self._waits_for_token(seq)
 
-    def _ends_in_flight(self, seq: Sequence) -> bool:
-        """A token in flight will end the sequence by length: nothing more to schedule for it."""
+    def _waits_for_token(self, seq: Sequence) -> bool:
+        """Nothing is to be scheduled for `seq` until its token in flight is back: that token ends it by length,
+        or its grammar must consume it before the next step's mask exists (structured outputs; such a sequence
+        decodes every other step of the overlapped loop, and everyone else keeps the overlap)."""
         if not seq.num_placeholders:
             return False
+        if seq.grammar is not None:
+            return True
         max_tokens = seq.sampling.max_tokens
         num_out = seq.num_tokens - seq.num_prompt_tokens
         return (max_tokens is not None and num_out >= max_tokens) or seq.num_tokens >= self.max_model_len
@@ -234,7 +239,7 @@ class Scheduler:
                 i += 1
                 continue
             remaining = seq.num_tokens - seq.num_computed_tokens
-            if seq.num_placeholders and self._ends_in_flight(seq):
+            if self._waits_for_token(seq):
                 num_new = 0
             elif remaining == 1:  # a decode
                 num_new = 1 if step.tokens_left > 0 else 0

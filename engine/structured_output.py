@@ -20,8 +20,8 @@ Where the work happens:
   * Per step, the core asks each constrained row's matcher for its token bitmask (llguidance fills them in
     parallel with the GIL released) and hands the int32 [R, ceil(V/32)] bitmask to the runner with the step;
     the runner copies it to the device once, unpacks it there and sets disallowed logits to -inf, all rows at
-    once: no host sync per row. A mask needs the previous token, so while a constrained sequence runs the
-    engine does not overlap steps (engine/core.py).
+    once: no host sync per row. A mask needs the previous token, so in the overlapped loop a constrained
+    sequence is not scheduled while its token is in flight: it decodes every other step, the others overlap.
   * After sampling, each matcher consumes its row's token; a matcher that cannot go on (its grammar is complete,
     e.g. the closing brace of a JSON object) ends the sequence with finish reason "stop".
   * Preemption needs no rollback: the tokens a sequence keeps are exactly those its matcher consumed.
