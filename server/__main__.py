@@ -16,7 +16,7 @@ import sys
 import typing
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 
@@ -28,6 +28,9 @@ from plm_serve.server.flags import SettingsError, add_flags, given_flags, settin
 from plm_serve.server.logs import LOG_FORMATS, configure_logging, uvicorn_log_config
 from plm_serve.server.presets import load_preset
 from plm_serve.server.version import VERSION
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 logger = logging.getLogger("plm_serve.server")
 
@@ -129,22 +132,27 @@ class GracefulServer(uvicorn.Server):
     "killed by SIGTERM".)
     """
 
-    def __init__(self, config: uvicorn.Config, grace_s: float) -> None:
+    def __init__(self, config: uvicorn.Config, app: FastAPI, grace_s: float) -> None:
+        """`app`: the application `config` serves (the one the drain acts on)."""
         super().__init__(config)
+        self.app = app
         self.grace_s = grace_s
         self.signalled = False
         self.forced = False
         self._drain: asyncio.Future | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        # A signal handler: it only sets flags (the loop's next tick acts on them). Not calling super() also
-        # keeps uvicorn from re-raising the signal after shutdown.
+        # A signal handler: it only sets flags (the loop's next tick starts the drain; the 503s start at
+        # once). Not calling super() also keeps uvicorn from re-raising the signal after shutdown.
         if self.signalled:
             logger.warning("second signal: exiting now, without waiting for running requests")
             self.forced = self.force_exit = self.should_exit = True
         else:
+            from plm_serve.server.app import begin_draining  # already imported by serve(): a lookup
+
             logger.info("signal %d: draining (a second signal exits at once)", sig)
             self.signalled = True
+            begin_draining(self.app)  # 503 from this moment, not from the loop's next tick
 
     async def on_tick(self, counter: int) -> bool:
         if self.signalled and self._drain is None:
@@ -155,7 +163,7 @@ class GracefulServer(uvicorn.Server):
         from plm_serve.server.app import drain
 
         try:
-            await drain(self.config.app, self.grace_s)  # type: ignore[arg-type]
+            await drain(self.app, self.grace_s)
         finally:
             self.should_exit = True
 
@@ -180,7 +188,7 @@ def serve(config: ServerConfig, log_level: str = "info", log_format: str = "text
         timeout_keep_alive=config.keep_alive_timeout_s,  # type: ignore[arg-type]  # a float works (call_later)
         timeout_graceful_shutdown=int(config.shutdown_grace_seconds) + 5,  # a backstop behind drain()
     )
-    server = GracefulServer(uv_config, config.shutdown_grace_seconds)
+    server = GracefulServer(uv_config, app, config.shutdown_grace_seconds)
     server.run()
     return 1 if app.state.ctx.load_error or server.forced else 0
 

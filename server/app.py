@@ -127,11 +127,16 @@ async def _close(ctx: ServerContext, loading: asyncio.Task | None) -> None:
     ctx.executor.shutdown(wait=False, cancel_futures=True)
 
 
+def begin_draining(app: FastAPI) -> None:
+    """From now on /health and new requests answer 503 (safe in a signal handler: one attribute set)."""
+    app.state.ctx.draining = True
+
+
 async def drain(app: FastAPI, grace_s: float) -> None:
     """Graceful shutdown (SIGTERM): refuse new requests with 503 (/health too), give running ones `grace_s` to
     finish, then abort the rest; their streams end and their connections close."""
     ctx: ServerContext = app.state.ctx
-    ctx.draining = True
+    begin_draining(app)
     if ctx.engine is not None:
         logger.info("draining: %.0fs for running requests to finish", grace_s)
         await ctx.engine.shutdown(grace_s)

@@ -129,7 +129,7 @@ def test_a_second_signal_forces_the_exit(ckpt_l, processor):
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     base_url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server = GracefulServer(uvicorn.Config(app, log_level="warning"), grace_s=120)
+    server = GracefulServer(uvicorn.Config(app, log_level="warning"), app, grace_s=120)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     wait_healthy(base_url, 30)
